@@ -1,0 +1,163 @@
+//! The command line: argument definitions (a stable contract, PRODUCT.md "The binary and its
+//! commands") and one module per command.
+
+pub mod bench;
+pub mod scorecard;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::inference::{DeviceKind, Precision};
+use crate::plaster::scenario::Scenario;
+
+/// Exit statuses (PRODUCT.md): 0 ok, 1 runtime failure, 2 usage error, 64 bad configuration.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CONFIG: u8 = 64;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plaster-agent",
+    version,
+    about = "On-device PLASTER measurement of ONNX inference"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the PLASTER scorecard of a model on this machine (no broker, no server)
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The model: an .onnx file or a bundle directory (model.onnx, optional dataset.npz)
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+
+    /// Labelled NPZ validation set (`x` inputs, batch on axis 0; `y` integer labels); defaults
+    /// to the bundle's dataset.npz
+    #[arg(long, value_name = "NPZ")]
+    pub dataset: Option<PathBuf>,
+
+    /// Where to run: the GPU through CUDA, the CPU, or the GPU when one works
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+
+    /// Floating-point precision; f16 also reports the accuracy delta against f32
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+
+    /// MLPerf LoadGen scenario
+    #[arg(long, value_enum, default_value_t = Scenario::SingleStream)]
+    pub scenario: Scenario,
+
+    /// Length of the measured run in seconds (MLPerf's 600 s minimum applies with --strict)
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Threads for one inference (tract's intra-op executor)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
+    /// Batch size per query [default: 1; offline: 8 for models with a dynamic batch axis]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub batch: Option<u32>,
+
+    /// Server scenario: Poisson arrival rate in queries per second [default: half of what
+    /// one stream sustains back to back]
+    #[arg(long, value_name = "QPS", value_parser = parse_positive)]
+    pub target_qps: Option<f64>,
+
+    /// Server scenario: the p99 latency bound in milliseconds
+    #[arg(long, value_name = "MS", default_value = "50", value_parser = parse_positive)]
+    pub latency_bound_ms: f64,
+
+    /// Server scenario: search the highest arrival rate whose p99 meets the latency bound
+    #[arg(long)]
+    pub find_peak: bool,
+
+    /// Apply MLPerf's minimum duration and query count, and report whether the run is valid
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Print exactly one JSON object, the PLASTER report, on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// Combinations clap cannot express; the message is shown as a usage error (exit 2).
+    pub fn check(&self) -> Result<(), String> {
+        if self.scenario != Scenario::Server {
+            if self.target_qps.is_some() {
+                return Err("--target-qps applies to --scenario server only".into());
+            }
+            if self.find_peak {
+                return Err("--find-peak applies to --scenario server only".into());
+            }
+        }
+        if self.find_peak && self.target_qps.is_some() {
+            return Err("--find-peak searches the rate itself; drop --target-qps".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("the duration must be more than 0 seconds, got {s}"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s} seconds is too long"))
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("\"{s}\" is not a number"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("must be more than 0, got {s}"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(
+            parse_duration("0").unwrap_err(),
+            "the duration must be more than 0 seconds, got 0"
+        );
+        assert_eq!(
+            parse_duration("-1").unwrap_err(),
+            "the duration must be more than 0 seconds, got -1"
+        );
+        assert_eq!(
+            parse_duration("x").unwrap_err(),
+            "\"x\" is not a number of seconds"
+        );
+        assert_eq!(
+            parse_duration("inf").unwrap_err(),
+            "the duration must be more than 0 seconds, got inf"
+        );
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,291 @@
+//! The inference core: load an ONNX model (a file or a bundle directory), fix its input shapes
+//! for a batch size, pick a tract runtime (CPU, or CUDA through tract-cuda) and run it.
+//!
+//! Everything tract-specific stays behind this module: tract's errors are converted to
+//! [`InferenceError`] here, once. Inference is synchronous and CPU/GPU-bound; callers run it on
+//! dedicated threads, never on an async runtime.
+
+mod error;
+mod programmability;
+mod runtime;
+mod source;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::{RunOptions, Runnable, State};
+use tract_onnx::tract_core::transform::get_transform;
+
+pub use error::InferenceError;
+pub use programmability::Programmability;
+pub use runtime::{select_runtime, DeviceKind, RuntimeChoice, RuntimeKind};
+pub use source::{InputSpec, ModelSource, OnnxModel};
+
+/// Floating-point precision the model runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// A model prepared for one runtime, precision, thread count and batch size. Cheap to share:
+/// every worker thread spawns its own [`Session`] on the same plan.
+#[derive(Clone, Debug)]
+pub struct PreparedModel {
+    runnable: Arc<dyn Runnable>,
+    runtime: RuntimeKind,
+    precision: Precision,
+    threads: usize,
+    batch: usize,
+    input_facts: Vec<TypedFact>,
+    programmability: Programmability,
+    flops_per_batch: Option<u64>,
+    parameters: u64,
+}
+
+impl PreparedModel {
+    /// Prepares `model` at `batch` on the chosen runtime.
+    ///
+    /// `threads` is the intra-op parallelism given to tract-linalg's executor; 1 means the
+    /// calling thread only (tract's `multithread(1)` would fall back to rayon's global pool).
+    pub fn prepare(
+        model: &OnnxModel,
+        batch: usize,
+        choice: &RuntimeChoice,
+        precision: Precision,
+        threads: usize,
+    ) -> Result<PreparedModel, InferenceError> {
+        let mut typed = model.typed(batch)?;
+        let flops_per_batch = programmability::flops(&typed);
+        let parameters = model.parameters;
+        if precision == Precision::F16 {
+            let transform = get_transform("f32_to_f16")
+                .map_err(|e| model.invalid(e))?
+                .ok_or_else(|| model.invalid_msg("tract has no f32_to_f16 transform"))?;
+            transform
+                .transform(&mut typed)
+                .map_err(|e| model.invalid(e))?;
+        }
+        let executor = if threads <= 1 {
+            Executor::SingleThread
+        } else {
+            Executor::multithread(threads)
+        };
+        let options = RunOptions {
+            executor: Some(executor),
+            ..Default::default()
+        };
+        let runtime = choice.runtime;
+        // Some of tract-cuda's failures after `check()` panic (context creation, missing NVRTC
+        // headers): contain them at this boundary so the agent reports instead of crashing.
+        let prepared = catch_unwind(AssertUnwindSafe(|| {
+            runtime.prepare_with_options(typed, &options)
+        }))
+        .map_err(|panic| {
+            model.invalid_msg(format!(
+                "runtime {} panicked while preparing: {}",
+                choice.kind.as_str(),
+                panic_message(&panic)
+            ))
+        })?
+        .map_err(|e| model.invalid(e))?;
+        let runnable: Arc<dyn Runnable> = Arc::from(prepared);
+        let mut input_facts = Vec::with_capacity(runnable.input_count());
+        for ix in 0..runnable.input_count() {
+            input_facts.push(
+                runnable
+                    .input_fact(ix)
+                    .map_err(|e| model.invalid(e))?
+                    .clone(),
+            );
+        }
+        let programmability = match runnable.typed_model() {
+            Some(plan_model) => Programmability::of(plan_model, choice.kind),
+            None => Programmability::default(),
+        };
+        Ok(PreparedModel {
+            runnable,
+            runtime: choice.kind,
+            precision,
+            threads,
+            batch,
+            input_facts,
+            programmability,
+            flops_per_batch,
+            parameters,
+        })
+    }
+
+    /// A new inference state on this plan; each thread running inference owns one.
+    pub fn session(&self) -> Result<Session, InferenceError> {
+        let state = self.runnable.spawn().map_err(InferenceError::run)?;
+        Ok(Session { state })
+    }
+
+    pub fn runtime(&self) -> RuntimeKind {
+        self.runtime
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn programmability(&self) -> &Programmability {
+        &self.programmability
+    }
+
+    /// Floating-point operations per inference (2 per multiply-accumulate), from tract's cost
+    /// model on the decluttered graph, or `None` when a node's cost is symbolic.
+    pub fn flops_per_inference(&self) -> Option<u64> {
+        self.flops_per_batch.map(|f| f / self.batch.max(1) as u64)
+    }
+
+    /// Learned parameters (elements of the model's floating-point constants).
+    pub fn parameters(&self) -> u64 {
+        self.parameters
+    }
+
+    /// The concrete input facts (datum type and shape) this plan expects.
+    pub fn input_facts(&self) -> &[TypedFact] {
+        &self.input_facts
+    }
+
+    /// The concrete shape of input `ix`.
+    pub fn input_shape(&self, ix: usize) -> Vec<usize> {
+        self.input_facts[ix]
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Converts `tensor` to the datum type input `ix` expects (f16 models take f16 inputs).
+    pub fn conform_input(&self, ix: usize, tensor: Tensor) -> Result<TValue, InferenceError> {
+        let dt = self.input_facts[ix].datum_type;
+        if tensor.datum_type() == dt {
+            return Ok(tensor.into_tvalue());
+        }
+        let cast = tensor
+            .cast_to_dt(dt)
+            .map_err(InferenceError::run)?
+            .into_owned();
+        Ok(cast.into_tvalue())
+    }
+
+    /// Deterministic synthetic inputs (uniform in [0, 1) for floats, zeros otherwise) for
+    /// models run without a dataset; `seed` varies them between queries.
+    pub fn synthetic_inputs(&self, seed: u64) -> Result<TVec<TValue>, InferenceError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut inputs = TVec::new();
+        for ix in 0..self.input_facts.len() {
+            let shape = self.input_shape(ix);
+            let n: usize = shape.iter().product();
+            let dt = self.input_facts[ix].datum_type;
+            let tensor = if dt.is_float() {
+                let values: Vec<f32> = (0..n).map(|_| rng.gen::<f32>()).collect();
+                Tensor::from_shape(&shape, &values).map_err(InferenceError::run)?
+            } else {
+                Tensor::zero_dt(dt, &shape).map_err(InferenceError::run)?
+            };
+            inputs.push(self.conform_input(ix, tensor)?);
+        }
+        Ok(inputs)
+    }
+}
+
+/// One inference state: the buffers of a plan, owned by one thread at a time.
+#[derive(Debug)]
+pub struct Session {
+    state: Box<dyn State>,
+}
+
+impl Session {
+    /// Runs one inference. A panic inside the runtime is contained and reported as an error.
+    pub fn run(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
+        match catch_unwind(AssertUnwindSafe(|| self.state.run(inputs))) {
+            Ok(result) => result.map_err(InferenceError::run),
+            Err(panic) => Err(InferenceError::Run(format!(
+                "runtime panicked: {}",
+                panic_message(&panic)
+            ))),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_string()
+    }
+}
+
+/// Reads the predicted class of each of the first `n` rows out of a model's outputs, as
+/// PRODUCT.md specifies: an integer first output of shape `[batch]` is the label itself (as
+/// scikit-learn converters emit); otherwise the argmax over the last axis of the first
+/// floating-point output.
+pub fn predicted_labels(outputs: &[TValue], n: usize) -> Result<Vec<i64>, InferenceError> {
+    let first = outputs
+        .first()
+        .ok_or_else(|| InferenceError::Run("model has no output".into()))?;
+    if !first.datum_type().is_float() && first.rank() == 1 {
+        let labels = first.cast_to::<i64>().map_err(InferenceError::run)?;
+        let mut labels = to_vec::<i64>(&labels).map_err(InferenceError::run)?;
+        labels.truncate(n);
+        return Ok(labels);
+    }
+    let scores = outputs.iter().find(|o| o.datum_type().is_float()).ok_or_else(|| {
+        InferenceError::Run(
+            "model has no floating-point output and no integer label output to read a prediction from".into(),
+        )
+    })?;
+    let scores = scores.cast_to::<f32>().map_err(InferenceError::run)?;
+    let classes = *scores.shape().last().unwrap_or(&1);
+    let values = to_vec::<f32>(&scores).map_err(InferenceError::run)?;
+    if classes == 0 {
+        return Err(InferenceError::Run(
+            "model output has an empty class axis".into(),
+        ));
+    }
+    Ok(values
+        .chunks(classes)
+        .take(n)
+        .map(|row| {
+            let mut best = 0;
+            for (ix, v) in row.iter().enumerate() {
+                if *v > row[best] {
+                    best = ix;
+                }
+            }
+            best as i64
+        })
+        .collect())
+}
+
+/// The elements of a tensor, in logical order.
+pub fn to_vec<T: Datum + Copy>(tensor: &Tensor) -> TractResult<Vec<T>> {
+    Ok(tensor.to_plain_array_view::<T>()?.iter().copied().collect())
+}

@@ -1,0 +1,14 @@
+//! plaster-agent: on-device ONNX inference that measures the seven PLASTER properties of itself.
+//!
+//! The binary (`main.rs`) is a thin shell over this library so tests drive the same code paths.
+//! See ARCHITECTURE.md at the repository root for the code map and invariants.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod dataset;
+pub mod device;
+pub mod inference;
+pub mod plaster;
+
+/// The agent's version, as printed by `--version` and published in the MQTT birth message.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

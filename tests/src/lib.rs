@@ -1,0 +1,90 @@
+//! Shared helpers for the integration tests: where the repository's models are, and a way to
+//! run the real `plaster-agent` binary and capture what it prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A path under `models/`.
+pub fn model_path(rel: &str) -> PathBuf {
+    repo_root().join("models").join(rel)
+}
+
+/// The `plaster-agent` binary cargo built next to this test executable
+/// (`cargo test --workspace` builds it; it lives one level above `deps/`).
+pub fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let bin = dir.join(format!("plaster-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the suite with `cargo test --workspace` so cargo builds the binary",
+        bin.display()
+    );
+    bin
+}
+
+/// What one run of the agent produced.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The run succeeded; its stdout parsed as exactly one JSON value.
+    pub fn json(&self) -> serde_json::Value {
+        assert_eq!(self.code, 0, "agent failed: {}", self.stderr);
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {}", self.stdout))
+    }
+
+    /// The run failed with `code` and printed exactly `message` as its error line, without
+    /// panicking.
+    pub fn assert_error(&self, code: i32, message: &str) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "agent panicked: {}",
+            self.stderr
+        );
+        assert_eq!(self.code, code, "stderr: {}", self.stderr);
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or_default();
+        assert_eq!(line, message, "full stderr: {}", self.stderr);
+    }
+}
+
+/// Runs the agent with `args` from the repository root and waits for it.
+pub fn agent(args: &[&str]) -> Run {
+    let output: Output = Command::new(agent_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("spawn plaster-agent");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The figures `models/make_models.py` recorded with onnxruntime.
+pub fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(model_path("expected.json")).expect("models/expected.json");
+    serde_json::from_str(&text).expect("expected.json is JSON")
+}
