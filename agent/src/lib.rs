@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod device;
 pub mod inference;
 pub mod plaster;
+pub mod sensors;
 
 /// The agent's version, as printed by `--version` and published in the MQTT birth message.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

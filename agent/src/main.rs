@@ -20,6 +20,10 @@ fn main() -> ExitCode {
             }
             cli::bench::run(args).map_err(anyhow::Error::from)
         }
+        Command::Sensors(args) => {
+            cli::sensors::run(args);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -1,5 +1,7 @@
-//! Shared helpers for the integration tests: where the repository's models are, and a way to
-//! run the real `plaster-agent` binary and capture what it prints.
+//! Shared helpers for the integration tests: where the repository's models are, a way to
+//! run the real `plaster-agent` binary and capture what it prints, and sysfs fixture trees.
+
+pub mod sysfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

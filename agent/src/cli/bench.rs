@@ -15,7 +15,7 @@ use super::BenchArgs;
 use crate::dataset::{Dataset, DatasetError};
 use crate::device;
 use crate::inference::{
-    select_runtime, InferenceError, ModelSource, OnnxModel, Precision, PreparedModel,
+    select_runtime, InferenceError, ModelSource, OnnxModel, Precision, PreparedModel, RuntimeKind,
 };
 use crate::plaster::accuracy::{self, Top1};
 use crate::plaster::energy::{EnergyMeter, NoEnergySource};
@@ -23,6 +23,8 @@ use crate::plaster::report::{
     self, Accuracy, DeviceInfo, Learning, ModelInfo, Report, Size, Throughput,
 };
 use crate::plaster::scenario::{self, QueryRunner, RunOutcome, Scenario};
+use crate::sensors::sampler::SensorMeter;
+use crate::sensors::{discover, DiscoveryOptions, SourceKind};
 
 /// Batch of the offline scenario for models whose batch axis is dynamic: large enough to
 /// amortise per-run overhead, small enough for a Jetson Nano's memory with a CNN.
@@ -34,6 +36,11 @@ const WARMUP_MAX: Duration = Duration::from_secs(1);
 const INPUT_POOL: usize = 64;
 /// Share of `--duration` spent measuring one-stream capacity before a server run.
 const CALIBRATION_SHARE: u32 = 10;
+/// The quiet window before the run that measures idle power: a fifth of the run, within
+/// bounds (sensors update every 13 ms to 1 s, so shorter windows say little).
+const IDLE_SHARE: u32 = 5;
+const IDLE_MIN: Duration = Duration::from_millis(500);
+const IDLE_MAX: Duration = Duration::from_secs(3);
 const CALIBRATION_MIN: Duration = Duration::from_millis(200);
 const CALIBRATION_MAX: Duration = Duration::from_secs(2);
 
@@ -81,16 +88,14 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     warm_up(&mut runner)?;
 
-    let mut meter: Box<dyn EnergyMeter> = Box::new(NoEnergySource {
-        reason: "this build reads no energy sensors yet".into(),
-    });
-    meter.measure_idle();
     let (min_duration, min_queries) = if args.strict {
         args.scenario.strict_minimums()
     } else {
         (Duration::ZERO, 1)
     };
     let duration = args.duration.max(min_duration);
+    let mut meter = energy_meter(args, prepared.runtime(), duration);
+    meter.measure_idle();
     let bound = Duration::from_secs_f64(args.latency_bound_ms / 1e3);
     // Offline counts samples; the closed loop counts queries of `batch` samples each.
     let min_loop_queries = match args.scenario {
@@ -192,6 +197,38 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         print!("{}", scorecard::render(&report));
     }
     Ok(())
+}
+
+/// The meter of the best energy source under `--sysfs-root`, or one that says why there is
+/// none. On a CPU run, a GPU's NVML counter is not the energy of the inference: prefer others.
+fn energy_meter(
+    args: &BenchArgs,
+    runtime: RuntimeKind,
+    duration: Duration,
+) -> Box<dyn EnergyMeter> {
+    let mut options = DiscoveryOptions::new(&args.sysfs_root);
+    options.total_rail = args.total_rail.clone();
+    options.pin = args.energy_source;
+    let mut discovery = discover(&options);
+    if runtime == RuntimeKind::Cpu && discovery.sources.len() > 1 {
+        discovery
+            .sources
+            .sort_by_key(|s| s.kind() == SourceKind::Nvml);
+    }
+    match discovery.take_best() {
+        Some(source) => {
+            tracing::info!("measuring energy with {}", source.name());
+            let idle = (duration / IDLE_SHARE).clamp(IDLE_MIN, IDLE_MAX);
+            Box::new(SensorMeter::new(
+                source,
+                idle,
+                discovery.batteries.first().cloned(),
+            ))
+        }
+        None => Box::new(NoEnergySource {
+            reason: discovery.why_none(),
+        }),
+    }
 }
 
 fn batch_for(args: &BenchArgs, model: &OnnxModel) -> Result<usize, BenchError> {

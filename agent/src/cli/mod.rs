@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod scorecard;
+pub mod sensors;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the PLASTER scorecard of a model on this machine (no broker, no server)
     Bench(BenchArgs),
+    /// List the energy, battery and thermal sources of this machine with a live reading
+    Sensors(sensors::SensorsArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -92,6 +95,28 @@ pub struct BenchArgs {
     /// Print exactly one JSON object, the PLASTER report, on stdout
     #[arg(long)]
     pub json: bool,
+
+    /// Read energy sensors under this directory instead of / (a recorded tree of a board)
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub sysfs_root: PathBuf,
+
+    /// The rail that carries the total power (e.g. VDD_IN), overriding discovery
+    #[arg(long, value_name = "RAIL")]
+    pub total_rail: Option<String>,
+
+    /// Measure energy with this kind of source only
+    #[arg(long, value_name = "KIND", value_parser = parse_source_kind)]
+    pub energy_source: Option<crate::sensors::SourceKind>,
+}
+
+fn parse_source_kind(s: &str) -> Result<crate::sensors::SourceKind, String> {
+    crate::sensors::SourceKind::parse(s).ok_or_else(|| {
+        let kinds: Vec<&str> = crate::sensors::SourceKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect();
+        format!("unknown source kind; one of: {}", kinds.join(", "))
+    })
 }
 
 impl BenchArgs {

@@ -1,0 +1,186 @@
+//! Reading sysfs attributes: one value per file, text, in the units the kernel documents.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use super::{Joules, Reading, SensorError, Watts};
+
+pub(crate) fn read_text(path: &Path) -> Result<String, SensorError> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let text = text.trim().to_string();
+            if text.is_empty() {
+                Err(SensorError::Empty {
+                    path: path.to_path_buf(),
+                })
+            } else {
+                Ok(text)
+            }
+        }
+        Err(e) => Err(io_error(path, e)),
+    }
+}
+
+pub(crate) fn io_error(path: &Path, e: std::io::Error) -> SensorError {
+    match e.kind() {
+        ErrorKind::PermissionDenied => SensorError::PermissionDenied {
+            path: path.to_path_buf(),
+        },
+        ErrorKind::NotFound => SensorError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => SensorError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// A finite number; garbage and NaN/infinity are errors, never values.
+pub(crate) fn read_number(path: &Path) -> Result<f64, SensorError> {
+    let text = read_text(path)?;
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(SensorError::Garbage {
+            path: path.to_path_buf(),
+            text,
+        }),
+    }
+}
+
+pub(crate) fn read_optional_text(path: &Path) -> Option<String> {
+    read_text(path).ok()
+}
+
+/// Sorted entries of `dir` whose file name passes `keep` (missing directories are empty).
+pub(crate) fn entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let Ok(read) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = read
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(&keep))
+        .map(|e| e.path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// How a channel turns files into a reading.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Probe {
+    /// Bus voltage in millivolts and current in milliamps (INA3221): P = mV x mA / 1e6 W.
+    VoltageCurrent {
+        millivolts: PathBuf,
+        milliamps: PathBuf,
+    },
+    /// A power attribute, scaled to watts (iio mW: 1e-3; INA238 and batteries µW: 1e-6).
+    Power { path: PathBuf, watts_per_unit: f64 },
+    /// A cumulative energy counter scaled to joules (µJ: 1e-6), wrapping at `wrap` units.
+    Counter {
+        path: PathBuf,
+        joules_per_unit: f64,
+        wrap: Option<f64>,
+    },
+}
+
+impl Probe {
+    /// Reads the channel; power above `limit` is rejected as implausible (a sensor glitch or
+    /// a wrong unit), never reported.
+    pub(crate) fn read(&self, limit: Watts) -> Result<Reading, SensorError> {
+        match self {
+            Probe::VoltageCurrent {
+                millivolts,
+                milliamps,
+            } => {
+                let mv = read_number(millivolts)?;
+                let ma = read_number(milliamps)?;
+                check_power(Watts((mv * ma).abs() / 1e6), limit, milliamps)
+            }
+            Probe::Power {
+                path,
+                watts_per_unit,
+            } => {
+                let raw = read_number(path)?;
+                check_power(Watts(raw.abs() * watts_per_unit), limit, path)
+            }
+            Probe::Counter {
+                path,
+                joules_per_unit,
+                wrap,
+            } => {
+                let raw = read_number(path)?;
+                if raw < 0.0 {
+                    return Err(SensorError::Implausible {
+                        what: format!("energy counter {}", path.display()),
+                        value: format!("{raw}"),
+                        limit: "0 or more".into(),
+                    });
+                }
+                Ok(Reading::Counter {
+                    total: Joules(raw * joules_per_unit),
+                    wrap: wrap.map(|w| Joules(w * joules_per_unit)),
+                })
+            }
+        }
+    }
+}
+
+pub(crate) fn check_power(power: Watts, limit: Watts, path: &Path) -> Result<Reading, SensorError> {
+    if power.0 > limit.0 {
+        return Err(SensorError::Implausible {
+            what: format!("power from {}", path.display()),
+            value: format!("{:.1} W", power.0),
+            limit: format!("{:.0} W", limit.0),
+        });
+    }
+    Ok(Reading::Power(power))
+}
+
+/// A source made of sysfs channels: Jetson power monitors, RAPL domains, hwmon counters.
+#[derive(Debug)]
+pub(crate) struct RailSource {
+    pub name: String,
+    pub kind: super::SourceKind,
+    pub rails: Vec<(String, Probe)>,
+    /// Indices into `rails` whose sum is the total.
+    pub total: Vec<usize>,
+    pub update_interval: Option<std::time::Duration>,
+    /// Highest plausible power of one channel of this kind of device.
+    pub limit: Watts,
+}
+
+impl super::EnergySource for RailSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> super::SourceKind {
+        self.kind
+    }
+
+    fn update_interval(&self) -> Option<std::time::Duration> {
+        self.update_interval
+    }
+
+    fn read_total(&mut self) -> Result<Vec<Reading>, SensorError> {
+        self.total
+            .iter()
+            .map(|&ix| self.rails[ix].1.read(self.limit))
+            .collect()
+    }
+
+    fn read_rails(&mut self) -> Vec<(String, Result<Reading, SensorError>)> {
+        self.rails
+            .iter()
+            .map(|(name, probe)| (name.clone(), probe.read(self.limit)))
+            .collect()
+    }
+}
+
+/// `update_interval` of a hwmon device, in milliseconds.
+pub(crate) fn update_interval(dir: &Path) -> Option<std::time::Duration> {
+    let ms = read_number(&dir.join("update_interval")).ok()?;
+    (ms > 0.0).then(|| std::time::Duration::from_secs_f64(ms / 1e3))
+}
