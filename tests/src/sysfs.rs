@@ -81,6 +81,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Overwrites an attribute in place (same inode, fixed width, one positional write), the way a
+/// sysfs attribute changes under a reader that keeps it open and re-reads offset 0.
+pub fn overwrite_in_place(path: &Path, value: &str) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(format!("{value:<31}\n").as_bytes(), 0).unwrap();
+}
+
 pub fn write_atomic(path: &Path, value: &str) {
     let tmp = path.with_extension("fixture-tmp");
     fs::write(&tmp, format!("{value}\n")).unwrap();
@@ -94,7 +102,7 @@ pub struct Written {
     pub value: f64,
 }
 
-/// A thread that writes `step(n)` to a file every `period` until `step` returns `None` or it
+/// A thread that writes `step(n)` into a file (in place) every `period` until `step` returns `None` or it
 /// is stopped; it logs when each value became visible.
 pub struct Writer {
     stop: Arc<AtomicBool>,
@@ -115,7 +123,7 @@ impl Writer {
             let mut n = 0u64;
             while !thread_stop.load(Ordering::SeqCst) {
                 let Some((text, value)) = step(n) else { break };
-                write_atomic(&path, &text);
+                overwrite_in_place(&path, &text);
                 log.push(Written {
                     at: Instant::now(),
                     value,

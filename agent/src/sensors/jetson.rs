@@ -63,10 +63,7 @@ fn ina3221_hwmon(dir: &Path, addr: &str, total_rail: Option<&str>) -> Found {
         }
         rails.push((
             label,
-            Probe::VoltageCurrent {
-                millivolts: dir.join(format!("in{n}_input")),
-                milliamps: dir.join(format!("curr{n}_input")),
-            },
+            Probe::voltage_current(dir.join(format!("in{n}_input")), dir.join(format!("curr{n}_input"))),
         ));
     }
     choose_total(
@@ -90,15 +87,12 @@ fn ina3221_iio(dir: &Path, addr: &str, total_rail: Option<&str>) -> Found {
         }
         let power = dir.join(format!("in_power{n}_input"));
         let probe = if power.exists() {
-            Probe::Power {
-                path: power,
-                watts_per_unit: 1e-3,
-            }
+            Probe::power(power, 1e-3)
         } else {
-            Probe::VoltageCurrent {
-                millivolts: dir.join(format!("in_voltage{n}_input")),
-                milliamps: dir.join(format!("in_current{n}_input")),
-            }
+            Probe::voltage_current(
+                dir.join(format!("in_voltage{n}_input")),
+                dir.join(format!("in_current{n}_input")),
+            )
         };
         rails.push((label, probe));
     }
@@ -117,10 +111,7 @@ fn ina238(dir: &Path, addr: &str) -> Found {
     let label = read_optional_text(&dir.join("in1_label")).unwrap_or_else(|| "VIN".to_string());
     let rails = vec![(
         label,
-        Probe::Power {
-            path: dir.join("power1_input"),
-            watts_per_unit: 1e-6,
-        },
+        Probe::power(dir.join("power1_input"), 1e-6),
     )];
     choose_total(
         format!("ina238 {addr}"),

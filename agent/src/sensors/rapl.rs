@@ -24,11 +24,7 @@ pub(crate) fn find_rapl(root: &Path) -> Option<Result<RailSource, (String, Sourc
         let wrap = read_number(&dir.join("max_energy_range_uj")).ok();
         rails.push((
             name,
-            Probe::Counter {
-                path: dir.join("energy_uj"),
-                joules_per_unit: 1e-6,
-                wrap,
-            },
+            Probe::counter(dir.join("energy_uj"), 1e-6, wrap),
         ));
     }
     let psys = rails.iter().position(|(n, _)| n == "psys");
@@ -94,11 +90,7 @@ pub(crate) fn find_hwmon_energy(
                 .unwrap_or_else(|| stem.to_string());
             rails.push((
                 label,
-                Probe::Counter {
-                    path,
-                    joules_per_unit: 1e-6,
-                    wrap: None,
-                },
+                Probe::counter(path, 1e-6, None),
             ));
         }
         // Per-socket counters are the totals where a driver also lists per-core ones.

@@ -67,60 +67,97 @@ pub(crate) fn entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     paths
 }
 
+/// A sysfs attribute read at a high rate: the file stays open and each read is a positional
+/// read at offset 0, which makes the kernel render the current value. Opening the path on
+/// every read costs a path lookup and two more syscalls a sample. After an error the handle is
+/// dropped, so the next read opens the path again.
+#[derive(Debug)]
+pub(crate) struct Attr {
+    pub path: PathBuf,
+    file: Option<fs::File>,
+}
+
+impl Attr {
+    pub(crate) fn new(path: PathBuf) -> Attr {
+        Attr { path, file: None }
+    }
+
+    pub(crate) fn number(&mut self) -> Result<f64, SensorError> {
+        let result = self.read_fresh();
+        if result.is_err() {
+            self.file = None;
+        }
+        result
+    }
+
+    fn read_fresh(&mut self) -> Result<f64, SensorError> {
+        use std::os::unix::fs::FileExt;
+        let file = match &self.file {
+            Some(file) => file,
+            None => self.file.insert(fs::File::open(&self.path).map_err(|e| io_error(&self.path, e))?),
+        };
+        let mut buf = [0u8; 64];
+        let n = file.read_at(&mut buf, 0).map_err(|e| io_error(&self.path, e))?;
+        let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+        if text.is_empty() {
+            return Err(SensorError::Empty { path: self.path.clone() });
+        }
+        match text.parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => Err(SensorError::Garbage { path: self.path.clone(), text }),
+        }
+    }
+}
+
 /// How a channel turns files into a reading.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub(crate) enum Probe {
     /// Bus voltage in millivolts and current in milliamps (INA3221): P = mV x mA / 1e6 W.
-    VoltageCurrent {
-        millivolts: PathBuf,
-        milliamps: PathBuf,
-    },
+    VoltageCurrent { millivolts: Attr, milliamps: Attr },
     /// A power attribute, scaled to watts (iio mW: 1e-3; INA238 and batteries µW: 1e-6).
-    Power { path: PathBuf, watts_per_unit: f64 },
+    Power { attr: Attr, watts_per_unit: f64 },
     /// A cumulative energy counter scaled to joules (µJ: 1e-6), wrapping at `wrap` units.
-    Counter {
-        path: PathBuf,
-        joules_per_unit: f64,
-        wrap: Option<f64>,
-    },
+    Counter { attr: Attr, joules_per_unit: f64, wrap: Option<f64> },
 }
 
 impl Probe {
+    pub(crate) fn voltage_current(millivolts: PathBuf, milliamps: PathBuf) -> Probe {
+        Probe::VoltageCurrent { millivolts: Attr::new(millivolts), milliamps: Attr::new(milliamps) }
+    }
+
+    pub(crate) fn power(path: PathBuf, watts_per_unit: f64) -> Probe {
+        Probe::Power { attr: Attr::new(path), watts_per_unit }
+    }
+
+    pub(crate) fn counter(path: PathBuf, joules_per_unit: f64, wrap: Option<f64>) -> Probe {
+        Probe::Counter { attr: Attr::new(path), joules_per_unit, wrap }
+    }
+
     /// Reads the channel; power above `limit` is rejected as implausible (a sensor glitch or
     /// a wrong unit), never reported.
-    pub(crate) fn read(&self, limit: Watts) -> Result<Reading, SensorError> {
+    pub(crate) fn read(&mut self, limit: Watts) -> Result<Reading, SensorError> {
         match self {
-            Probe::VoltageCurrent {
-                millivolts,
-                milliamps,
-            } => {
-                let mv = read_number(millivolts)?;
-                let ma = read_number(milliamps)?;
-                check_power(Watts((mv * ma).abs() / 1e6), limit, milliamps)
+            Probe::VoltageCurrent { millivolts, milliamps } => {
+                let mv = millivolts.number()?;
+                let ma = milliamps.number()?;
+                check_power(Watts((mv * ma).abs() / 1e6), limit, &milliamps.path)
             }
-            Probe::Power {
-                path,
-                watts_per_unit,
-            } => {
-                let raw = read_number(path)?;
-                check_power(Watts(raw.abs() * watts_per_unit), limit, path)
+            Probe::Power { attr, watts_per_unit } => {
+                let raw = attr.number()?;
+                check_power(Watts(raw.abs() * *watts_per_unit), limit, &attr.path)
             }
-            Probe::Counter {
-                path,
-                joules_per_unit,
-                wrap,
-            } => {
-                let raw = read_number(path)?;
+            Probe::Counter { attr, joules_per_unit, wrap } => {
+                let raw = attr.number()?;
                 if raw < 0.0 {
                     return Err(SensorError::Implausible {
-                        what: format!("energy counter {}", path.display()),
+                        what: format!("energy counter {}", attr.path.display()),
                         value: format!("{raw}"),
                         limit: "0 or more".into(),
                     });
                 }
                 Ok(Reading::Counter {
-                    total: Joules(raw * joules_per_unit),
-                    wrap: wrap.map(|w| Joules(w * joules_per_unit)),
+                    total: Joules(raw * *joules_per_unit),
+                    wrap: wrap.map(|w| Joules(w * *joules_per_unit)),
                 })
             }
         }
@@ -165,17 +202,14 @@ impl super::EnergySource for RailSource {
     }
 
     fn read_total(&mut self) -> Result<Vec<Reading>, SensorError> {
-        self.total
-            .iter()
-            .map(|&ix| self.rails[ix].1.read(self.limit))
-            .collect()
+        let limit = self.limit;
+        let rails = &mut self.rails;
+        self.total.iter().map(|&ix| rails[ix].1.read(limit)).collect()
     }
 
     fn read_rails(&mut self) -> Vec<(String, Result<Reading, SensorError>)> {
-        self.rails
-            .iter()
-            .map(|(name, probe)| (name.clone(), probe.read(self.limit)))
-            .collect()
+        let limit = self.limit;
+        self.rails.iter_mut().map(|(name, probe)| (name.clone(), probe.read(limit))).collect()
     }
 }
 

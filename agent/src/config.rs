@@ -1,0 +1,552 @@
+//! The daemon's configuration: a TOML file, its sorted drop-ins (`agent.toml.d/*.toml`) and
+//! `PLASTER_<SECTION>_<KEY>` environment overrides, merged in that order, then checked as a
+//! whole: every problem is reported at once, each with the file (or variable) and key at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::inference::{DeviceKind, Precision};
+use crate::sensors::SourceKind;
+
+/// Where `run` and `check-config` look without `--config`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/plaster-agent/agent.toml";
+/// Models, spool and transfer staging live here (systemd's StateDirectory).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/plaster-agent";
+/// The first model, until an update activates one.
+pub const DEFAULT_MODEL_PATH: &str = "/var/lib/plaster-agent/models/active";
+/// Brokers usually listen on loopback on the device or behind a bridge.
+pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
+/// Often enough for a live dashboard, rare enough for a metered cellular link.
+pub const DEFAULT_TELEMETRY_INTERVAL_S: f64 = 10.0;
+/// PROTOCOL.md: keep-alive 30 s.
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
+/// Telemetry spooled while the broker is away: a day of records at the default interval is
+/// about 8640 records of under 1 KiB each, so 16 MiB keeps more than a day.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// The local inference API: loopback only unless the operator opens it.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8000";
+/// Two threads leave a Jetson Nano's other two cores to the application.
+pub const DEFAULT_THREADS: usize = 2;
+/// PROTOCOL.md: a pushed model may lose at most one point of accuracy.
+pub const DEFAULT_MAX_ACCURACY_DROP: f64 = 0.01;
+/// PROTOCOL.md: five minutes of canary after activation.
+pub const DEFAULT_CANARY_S: u64 = 300;
+/// Previous versions kept for rollback.
+pub const DEFAULT_KEEP_VERSIONS: u64 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Cbor,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttVersion {
+    V311,
+    V5,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub device_id: String,
+    pub fleet: String,
+    pub state_dir: PathBuf,
+    pub model: ModelConfig,
+    pub mqtt: MqttConfig,
+    pub api: ApiConfig,
+    pub energy: EnergyConfig,
+    pub ota: OtaConfig,
+    pub workload: WorkloadConfig,
+    /// The files read, in merge order (for logs and `check-config`).
+    pub sources: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub device: DeviceKind,
+    pub precision: Precision,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttConfig {
+    pub url: BrokerUrl,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub telemetry_interval: Duration,
+    pub encoding: Encoding,
+    pub keep_alive: Duration,
+    pub version: MqttVersion,
+    pub spool_max_bytes: u64,
+}
+
+/// `mqtt://host:port` or `mqtts://host:port` (TLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(s: &str) -> Result<BrokerUrl, String> {
+        let (tls, rest) = if let Some(rest) = s.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = s.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!("{s:?} is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port: u16 = port.parse().map_err(|_| format!("{s:?} has an invalid port {port:?}"))?;
+                (host.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+            }
+            _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        Ok(BrokerUrl { tls, host, port })
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnergyConfig {
+    pub sysfs_root: PathBuf,
+    pub total_rail: Option<String>,
+    pub source: Option<SourceKind>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtaConfig {
+    /// Key id to base64 Ed25519 public key.
+    pub trusted_keys: BTreeMap<String, String>,
+    pub max_accuracy_drop: f64,
+    pub canary: Duration,
+    pub keep_versions: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadConfig {
+    /// Inferences per second the built-in workload runs; 0 turns it off.
+    pub rate_per_s: f64,
+}
+
+/// One problem with the configuration: where it came from, which key, what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{n} configuration problem{}", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Sections whose keys env variables can set (`PLASTER_MQTT_URL` is `mqtt.url`).
+const SECTIONS: [&str; 6] = ["model", "mqtt", "api", "energy", "ota", "workload"];
+
+/// Loads `path`, its drop-ins and the environment `env` (pass `std::env::vars()`).
+pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    let mut merged = toml::Table::new();
+    let mut origins: BTreeMap<String, String> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut sources = Vec::new();
+
+    let mut files = vec![path.to_path_buf()];
+    let dropins = PathBuf::from(format!("{}.d", path.display()));
+    if let Ok(read) = std::fs::read_dir(&dropins) {
+        let mut extra: Vec<PathBuf> = read
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        extra.sort();
+        files.extend(extra);
+    }
+    for file in files {
+        let origin = file.display().to_string();
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(table) => {
+                    merge(&mut merged, table, "", &origin, &mut origins);
+                    sources.push(file);
+                }
+                Err(e) => problems.push(Problem {
+                    origin,
+                    key: String::new(),
+                    message: format!("not valid TOML: {}", e.message()),
+                }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                problems.push(Problem { origin, key: String::new(), message: "file not found".into() })
+            }
+            Err(e) => problems.push(Problem { origin, key: String::new(), message: e.to_string() }),
+        }
+    }
+
+    let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("PLASTER_")).collect();
+    env.sort();
+    for (var, value) in env {
+        let rest = var["PLASTER_".len()..].to_ascii_lowercase();
+        let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) {
+            Some(section) => (Some(*section), rest[section.len() + 1..].to_string()),
+            None => (None, rest.clone()),
+        };
+        // A value that parses as TOML (a number, a bool, a quoted string, an inline table)
+        // keeps its type; anything else is a string.
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let full_key = match section {
+            Some(s) => format!("{s}.{key}"),
+            None => key.clone(),
+        };
+        let table = match section {
+            Some(s) => merged.entry(s).or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            None => {
+                merged.insert(key.clone(), parsed);
+                origins.insert(full_key, format!("environment {var}"));
+                continue;
+            }
+        };
+        match table.as_table_mut() {
+            Some(t) => {
+                t.insert(key, parsed);
+                origins.insert(full_key, format!("environment {var}"));
+            }
+            None => problems.push(Problem {
+                origin: format!("environment {var}"),
+                key: full_key,
+                message: "its section is not a table".into(),
+            }),
+        }
+    }
+
+    let mut reader = Reader { table: &merged, origins: &origins, default_origin: path.display().to_string(), problems: Vec::new(), used: Vec::new() };
+    let config = reader.config(sources);
+    problems.extend(reader.problems.drain(..));
+    let mut unknown = Vec::new();
+    collect_keys(&merged, "", &mut unknown);
+    for key in unknown {
+        if !reader.used.iter().any(|u| *u == key || key.starts_with(&format!("{u}."))) {
+            problems.push(Problem { origin: reader.origin(&key), key, message: "unknown key".into() });
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table, prefix: &str, origin: &str, origins: &mut BTreeMap<String, String>) {
+    for (key, value) in from {
+        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) if full != "ota.trusted_keys" => {
+                merge(existing, incoming, &full, origin, origins);
+            }
+            (_, value) => {
+                if let toml::Value::Table(t) = &value {
+                    let mut nested = Vec::new();
+                    collect_keys(t, &full, &mut nested);
+                    for k in nested {
+                        origins.insert(k, origin.to_string());
+                    }
+                }
+                origins.insert(full, origin.to_string());
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+fn collect_keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match value {
+            toml::Value::Table(t) if prefix.is_empty() && SECTIONS.contains(&key.as_str()) => collect_keys(t, &full, out),
+            _ => out.push(full),
+        }
+    }
+}
+
+/// Reads typed values out of the merged table, recording every problem instead of stopping.
+struct Reader<'a> {
+    table: &'a toml::Table,
+    origins: &'a BTreeMap<String, String>,
+    default_origin: String,
+    problems: Vec<Problem>,
+    used: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn origin(&self, key: &str) -> String {
+        self.origins.get(key).cloned().unwrap_or_else(|| self.default_origin.clone())
+    }
+
+    fn problem(&mut self, key: &str, message: String) {
+        self.problems.push(Problem { origin: self.origin(key), key: key.to_string(), message });
+    }
+
+    fn value(&mut self, key: &str) -> Option<&toml::Value> {
+        self.used.push(key.to_string());
+        let mut parts = key.split('.');
+        let first = parts.next()?;
+        let mut value = self.table.get(first)?;
+        for part in parts {
+            value = value.as_table()?.get(part)?;
+        }
+        Some(value)
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.value(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            other => {
+                let shown = other.to_string();
+                self.problem(key, format!("{shown} is not a string"));
+                None
+            }
+        }
+    }
+
+    /// A string where "" means unset.
+    fn optional_string(&mut self, key: &str) -> Option<String> {
+        self.string(key).filter(|s| !s.is_empty())
+    }
+
+    fn number(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
+        let v = match self.value(key)? {
+            toml::Value::Integer(i) => *i as f64,
+            toml::Value::Float(f) => *f,
+            other => {
+                let shown = other.to_string();
+                self.problem(key, format!("{shown} is not a number"));
+                return None;
+            }
+        };
+        if !(min..=max).contains(&v) {
+            self.problem(key, format!("{v} is out of range ({min}..={max})"));
+            return None;
+        }
+        Some(v)
+    }
+
+    fn config(&mut self, sources: Vec<PathBuf>) -> Config {
+        let device_id = match self.optional_string("device_id") {
+            Some(id) if id.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) => {
+                self.problem("device_id", format!("{id:?} contains a character MQTT topics cannot carry (/ + # or a control character)"));
+                id
+            }
+            Some(id) => id,
+            None => crate::device::default_device_id(),
+        };
+        let fleet = match self.optional_string("fleet") {
+            Some(f) if f.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) || f == "_all" => {
+                self.problem("fleet", format!("{f:?} cannot be a fleet name (no / + #, not _all)"));
+                f
+            }
+            Some(f) => f,
+            None => {
+                self.problem("fleet", "missing: every device belongs to a fleet (e.g. fleet = \"lab\")".into());
+                String::new()
+            }
+        };
+        let state_dir = self.optional_string("state_dir").map(PathBuf::from).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+
+        let model = ModelConfig {
+            path: self.optional_string("model.path").map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL_PATH.into()),
+            device: match self.string("model.device").as_deref() {
+                None | Some("auto") => DeviceKind::Auto,
+                Some("cpu") => DeviceKind::Cpu,
+                Some("cuda") => DeviceKind::Cuda,
+                Some(other) => {
+                    self.problem("model.device", format!("{other:?} is not one of cpu, cuda, auto"));
+                    DeviceKind::Auto
+                }
+            },
+            precision: match self.string("model.precision").as_deref() {
+                None | Some("f32") => Precision::F32,
+                Some("f16") => Precision::F16,
+                Some(other) => {
+                    self.problem("model.precision", format!("{other:?} is not one of f32, f16"));
+                    Precision::F32
+                }
+            },
+            threads: self.number("model.threads", 1.0, 1024.0).map(|t| t as usize).unwrap_or(DEFAULT_THREADS),
+        };
+
+        let url = match self.string("mqtt.url") {
+            None => BrokerUrl::parse(DEFAULT_MQTT_URL).expect("the default URL parses"),
+            Some(s) => BrokerUrl::parse(&s).unwrap_or_else(|message| {
+                self.problem("mqtt.url", message);
+                BrokerUrl::parse(DEFAULT_MQTT_URL).expect("the default URL parses")
+            }),
+        };
+        let existing_file = |r: &mut Self, key: &str| -> Option<PathBuf> {
+            let path = PathBuf::from(r.optional_string(key)?);
+            if !path.is_file() {
+                r.problem(key, format!("{} does not exist or is not a file", path.display()));
+            }
+            Some(path)
+        };
+        let password_file = existing_file(self, "mqtt.password_file");
+        let ca_file = existing_file(self, "mqtt.ca_file");
+        let cert_file = existing_file(self, "mqtt.cert_file");
+        let key_file = existing_file(self, "mqtt.key_file");
+        if cert_file.is_some() != key_file.is_some() {
+            self.problem("mqtt.cert_file", "a client certificate needs both mqtt.cert_file and mqtt.key_file".into());
+        }
+        if (ca_file.is_some() || cert_file.is_some()) && !url.tls {
+            self.problem("mqtt.url", format!("{url} is not TLS but certificates are configured: use mqtts://"));
+        }
+        let mqtt = MqttConfig {
+            username: self.optional_string("mqtt.username"),
+            password_file,
+            ca_file,
+            cert_file,
+            key_file,
+            telemetry_interval: Duration::from_secs_f64(
+                self.number("mqtt.telemetry_interval_s", 0.1, 86_400.0).unwrap_or(DEFAULT_TELEMETRY_INTERVAL_S),
+            ),
+            encoding: match self.string("mqtt.encoding").as_deref() {
+                None | Some("cbor") => Encoding::Cbor,
+                Some("json") => Encoding::Json,
+                Some(other) => {
+                    self.problem("mqtt.encoding", format!("{other:?} is not one of cbor, json"));
+                    Encoding::Cbor
+                }
+            },
+            keep_alive: Duration::from_secs(
+                self.number("mqtt.keep_alive_s", 5.0, 3600.0).map(|s| s as u64).unwrap_or(DEFAULT_KEEP_ALIVE_S),
+            ),
+            version: match self.value("mqtt.protocol").cloned() {
+                None => MqttVersion::V311,
+                Some(toml::Value::String(s)) if s == "3.1.1" => MqttVersion::V311,
+                Some(toml::Value::String(s)) if s == "5" => MqttVersion::V5,
+                Some(other) => {
+                    self.problem("mqtt.protocol", format!("{other} is not one of \"3.1.1\", \"5\""));
+                    MqttVersion::V311
+                }
+            },
+            spool_max_bytes: self
+                .number("mqtt.spool_max_bytes", 4096.0, 1e12)
+                .map(|b| b as u64)
+                .unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
+            url,
+        };
+
+        let api = ApiConfig {
+            listen: match self.string("api.listen") {
+                None => DEFAULT_API_LISTEN.parse().expect("the default address parses"),
+                Some(s) => s.parse().unwrap_or_else(|_| {
+                    self.problem("api.listen", format!("{s:?} is not an address:port (e.g. 127.0.0.1:8000)"));
+                    DEFAULT_API_LISTEN.parse().expect("the default address parses")
+                }),
+            },
+        };
+
+        let energy = EnergyConfig {
+            sysfs_root: self.optional_string("energy.sysfs_root").map(PathBuf::from).unwrap_or_else(|| "/".into()),
+            total_rail: self.optional_string("energy.total_rail"),
+            source: self.optional_string("energy.source").and_then(|s| {
+                let kind = SourceKind::parse(&s);
+                if kind.is_none() {
+                    let kinds: Vec<&str> = SourceKind::ALL.iter().map(|k| k.as_str()).collect();
+                    self.problem("energy.source", format!("{s:?} is not one of {}", kinds.join(", ")));
+                }
+                kind
+            }),
+        };
+
+        let mut trusted_keys = BTreeMap::new();
+        match self.value("ota.trusted_keys").cloned() {
+            None => {}
+            Some(toml::Value::Table(keys)) => {
+                for (id, key) in keys {
+                    match key.as_str() {
+                        Some(k) if is_ed25519_public_key(k) => {
+                            trusted_keys.insert(id, k.to_string());
+                        }
+                        _ => self.problem(
+                            &format!("ota.trusted_keys.{id}"),
+                            "is not a base64 Ed25519 public key (32 bytes; make one with `plaster-agent keygen`)".into(),
+                        ),
+                    }
+                }
+            }
+            Some(other) => self.problem("ota.trusted_keys", format!("{other} is not a table of key id = public key")),
+        }
+        let ota = OtaConfig {
+            trusted_keys,
+            max_accuracy_drop: self.number("ota.max_accuracy_drop", 0.0, 1.0).unwrap_or(DEFAULT_MAX_ACCURACY_DROP),
+            canary: Duration::from_secs(self.number("ota.canary_s", 0.0, 86_400.0).map(|s| s as u64).unwrap_or(DEFAULT_CANARY_S)),
+            keep_versions: self.number("ota.keep_versions", 0.0, 100.0).map(|n| n as u64).unwrap_or(DEFAULT_KEEP_VERSIONS),
+        };
+        let workload = WorkloadConfig { rate_per_s: self.number("workload.rate_per_s", 0.0, 1e6).unwrap_or(0.0) };
+        Config { device_id, fleet, state_dir, model, mqtt, api, energy, ota, workload, sources }
+    }
+}
+
+/// 32 bytes of standard base64 (44 characters with padding).
+fn is_ed25519_public_key(s: &str) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = s.as_bytes();
+    bytes.len() == 44
+        && bytes[43] == b'='
+        && bytes[42] != b'='
+        && bytes[..43].iter().all(|b| ALPHABET.contains(b))
+}
