@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use plaster_agent::inference::{select_runtime, DeviceKind, ModelSource, OnnxModel, Precision, PreparedModel};
+use plaster_agent::inference::{
+    select_runtime, DeviceKind, ModelSource, OnnxModel, Precision, PreparedModel,
+};
 use plaster_agent::plaster::scenario::closed_loop;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -18,15 +20,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 5, "usage: overhead MODEL THREADS ROUNDS SECONDS_PER_ROUND");
+    anyhow::ensure!(
+        args.len() == 5,
+        "usage: overhead MODEL THREADS ROUNDS SECONDS_PER_ROUND"
+    );
     let source = ModelSource::resolve(&PathBuf::from(&args[1]))?;
     let threads: usize = args[2].parse()?;
     let rounds: usize = args[3].parse()?;
     let round = Duration::from_secs_f64(args[4].parse()?);
     let model = OnnxModel::load(source)?;
     let cpu = select_runtime(DeviceKind::Cpu)?;
-    let prepared = PreparedModel::prepare(&model, model.natural_batch(), &cpu, Precision::F32, threads)?;
-    let pool: Vec<_> = (0..8).map(|seed| prepared.synthetic_inputs(seed)).collect::<Result<_, _>>()?;
+    let prepared =
+        PreparedModel::prepare(&model, model.natural_batch(), &cpu, Precision::F32, threads)?;
+    let pool: Vec<_> = (0..8)
+        .map(|seed| prepared.synthetic_inputs(seed))
+        .collect::<Result<_, _>>()?;
     let mut session = prepared.session()?;
     let mut next = 0usize;
     let mut run = move || {

@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.len() == 3, "usage: sampler_cost SYSFS_ROOT SECONDS");
     let seconds: f64 = args[2].parse()?;
     let mut discovery = discover(&DiscoveryOptions::new(&args[1]));
-    let source = discovery.take_best().ok_or_else(|| anyhow::anyhow!("no usable source under {}", args[1]))?;
+    let source = discovery
+        .take_best()
+        .ok_or_else(|| anyhow::anyhow!("no usable source under {}", args[1]))?;
     let sampler = Sampler::start(source);
     let cpu0 = cpu_seconds()?;
     let t0 = Instant::now();

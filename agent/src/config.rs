@@ -103,13 +103,22 @@ impl BrokerUrl {
         } else if let Some(rest) = s.strip_prefix("mqtt://") {
             (false, rest)
         } else {
-            return Err(format!("{s:?} is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"));
+            return Err(format!(
+                "{s:?} is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"
+            ));
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-                let port: u16 = port.parse().map_err(|_| format!("{s:?} has an invalid port {port:?}"))?;
-                (host.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("{s:?} has an invalid port {port:?}"))?;
+                (
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    port,
+                )
             }
             _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
         };
@@ -185,7 +194,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(f, "{n} configuration problem{}", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{n} configuration problem{}",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }
@@ -197,7 +210,10 @@ impl fmt::Display for ConfigError {
 const SECTIONS: [&str; 6] = ["model", "mqtt", "api", "energy", "ota", "workload"];
 
 /// Loads `path`, its drop-ins and the environment `env` (pass `std::env::vars()`).
-pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
     let mut merged = toml::Table::new();
     let mut origins: BTreeMap<String, String> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -227,14 +243,28 @@ pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Res
                     message: format!("not valid TOML: {}", e.message()),
                 }),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                problems.push(Problem { origin, key: String::new(), message: "file not found".into() })
-            }
-            Err(e) => problems.push(Problem { origin, key: String::new(), message: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => problems.push(Problem {
+                origin,
+                key: String::new(),
+                message: "file not found".into(),
+            }),
+            Err(e) => problems.push(Problem {
+                origin,
+                key: String::new(),
+                message: e.to_string(),
+            }),
         }
     }
 
-    let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("PLASTER_")).collect();
+    // Without its main file a configuration has nothing to check; the rest would be noise.
+    if sources.first().map(PathBuf::as_path) != Some(path) {
+        return Err(ConfigError { problems });
+    }
+
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("PLASTER_"))
+        .collect();
     env.sort();
     for (var, value) in env {
         let rest = var["PLASTER_".len()..].to_ascii_lowercase();
@@ -254,7 +284,9 @@ pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Res
             None => key.clone(),
         };
         let table = match section {
-            Some(s) => merged.entry(s).or_insert_with(|| toml::Value::Table(toml::Table::new())),
+            Some(s) => merged
+                .entry(s)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new())),
             None => {
                 merged.insert(key.clone(), parsed);
                 origins.insert(full_key, format!("environment {var}"));
@@ -274,14 +306,28 @@ pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Res
         }
     }
 
-    let mut reader = Reader { table: &merged, origins: &origins, default_origin: path.display().to_string(), problems: Vec::new(), used: Vec::new() };
+    let mut reader = Reader {
+        table: &merged,
+        origins: &origins,
+        default_origin: path.display().to_string(),
+        problems: Vec::new(),
+        used: Vec::new(),
+    };
     let config = reader.config(sources);
-    problems.extend(reader.problems.drain(..));
+    problems.append(&mut reader.problems);
     let mut unknown = Vec::new();
     collect_keys(&merged, "", &mut unknown);
     for key in unknown {
-        if !reader.used.iter().any(|u| *u == key || key.starts_with(&format!("{u}."))) {
-            problems.push(Problem { origin: reader.origin(&key), key, message: "unknown key".into() });
+        if !reader
+            .used
+            .iter()
+            .any(|u| *u == key || key.starts_with(&format!("{u}.")))
+        {
+            problems.push(Problem {
+                origin: reader.origin(&key),
+                key,
+                message: "unknown key".into(),
+            });
         }
     }
     if problems.is_empty() {
@@ -291,11 +337,23 @@ pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Res
     }
 }
 
-fn merge(into: &mut toml::Table, from: toml::Table, prefix: &str, origin: &str, origins: &mut BTreeMap<String, String>) {
+fn merge(
+    into: &mut toml::Table,
+    from: toml::Table,
+    prefix: &str,
+    origin: &str,
+    origins: &mut BTreeMap<String, String>,
+) {
     for (key, value) in from {
-        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         match (into.get_mut(&key), value) {
-            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) if full != "ota.trusted_keys" => {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming))
+                if full != "ota.trusted_keys" =>
+            {
                 merge(existing, incoming, &full, origin, origins);
             }
             (_, value) => {
@@ -315,9 +373,15 @@ fn merge(into: &mut toml::Table, from: toml::Table, prefix: &str, origin: &str, 
 
 fn collect_keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
     for (key, value) in table {
-        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         match value {
-            toml::Value::Table(t) if prefix.is_empty() && SECTIONS.contains(&key.as_str()) => collect_keys(t, &full, out),
+            toml::Value::Table(t) if prefix.is_empty() && SECTIONS.contains(&key.as_str()) => {
+                collect_keys(t, &full, out)
+            }
             _ => out.push(full),
         }
     }
@@ -334,11 +398,18 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn origin(&self, key: &str) -> String {
-        self.origins.get(key).cloned().unwrap_or_else(|| self.default_origin.clone())
+        self.origins
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| self.default_origin.clone())
     }
 
     fn problem(&mut self, key: &str, message: String) {
-        self.problems.push(Problem { origin: self.origin(key), key: key.to_string(), message });
+        self.problems.push(Problem {
+            origin: self.origin(key),
+            key: key.to_string(),
+            message,
+        });
     }
 
     fn value(&mut self, key: &str) -> Option<&toml::Value> {
@@ -387,7 +458,11 @@ impl Reader<'_> {
 
     fn config(&mut self, sources: Vec<PathBuf>) -> Config {
         let device_id = match self.optional_string("device_id") {
-            Some(id) if id.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) => {
+            Some(id)
+                if id
+                    .chars()
+                    .any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) =>
+            {
                 self.problem("device_id", format!("{id:?} contains a character MQTT topics cannot carry (/ + # or a control character)"));
                 id
             }
@@ -395,26 +470,45 @@ impl Reader<'_> {
             None => crate::device::default_device_id(),
         };
         let fleet = match self.optional_string("fleet") {
-            Some(f) if f.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control()) || f == "_all" => {
-                self.problem("fleet", format!("{f:?} cannot be a fleet name (no / + #, not _all)"));
+            Some(f)
+                if f.chars()
+                    .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+                    || f == "_all" =>
+            {
+                self.problem(
+                    "fleet",
+                    format!("{f:?} cannot be a fleet name (no / + #, not _all)"),
+                );
                 f
             }
             Some(f) => f,
             None => {
-                self.problem("fleet", "missing: every device belongs to a fleet (e.g. fleet = \"lab\")".into());
+                self.problem(
+                    "fleet",
+                    "missing: every device belongs to a fleet (e.g. fleet = \"lab\")".into(),
+                );
                 String::new()
             }
         };
-        let state_dir = self.optional_string("state_dir").map(PathBuf::from).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let state_dir = self
+            .optional_string("state_dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
 
         let model = ModelConfig {
-            path: self.optional_string("model.path").map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL_PATH.into()),
+            path: self
+                .optional_string("model.path")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_MODEL_PATH.into()),
             device: match self.string("model.device").as_deref() {
                 None | Some("auto") => DeviceKind::Auto,
                 Some("cpu") => DeviceKind::Cpu,
                 Some("cuda") => DeviceKind::Cuda,
                 Some(other) => {
-                    self.problem("model.device", format!("{other:?} is not one of cpu, cuda, auto"));
+                    self.problem(
+                        "model.device",
+                        format!("{other:?} is not one of cpu, cuda, auto"),
+                    );
                     DeviceKind::Auto
                 }
             },
@@ -422,11 +516,17 @@ impl Reader<'_> {
                 None | Some("f32") => Precision::F32,
                 Some("f16") => Precision::F16,
                 Some(other) => {
-                    self.problem("model.precision", format!("{other:?} is not one of f32, f16"));
+                    self.problem(
+                        "model.precision",
+                        format!("{other:?} is not one of f32, f16"),
+                    );
                     Precision::F32
                 }
             },
-            threads: self.number("model.threads", 1.0, 1024.0).map(|t| t as usize).unwrap_or(DEFAULT_THREADS),
+            threads: self
+                .number("model.threads", 1.0, 1024.0)
+                .map(|t| t as usize)
+                .unwrap_or(DEFAULT_THREADS),
         };
 
         let url = match self.string("mqtt.url") {
@@ -439,7 +539,10 @@ impl Reader<'_> {
         let existing_file = |r: &mut Self, key: &str| -> Option<PathBuf> {
             let path = PathBuf::from(r.optional_string(key)?);
             if !path.is_file() {
-                r.problem(key, format!("{} does not exist or is not a file", path.display()));
+                r.problem(
+                    key,
+                    format!("{} does not exist or is not a file", path.display()),
+                );
             }
             Some(path)
         };
@@ -448,10 +551,16 @@ impl Reader<'_> {
         let cert_file = existing_file(self, "mqtt.cert_file");
         let key_file = existing_file(self, "mqtt.key_file");
         if cert_file.is_some() != key_file.is_some() {
-            self.problem("mqtt.cert_file", "a client certificate needs both mqtt.cert_file and mqtt.key_file".into());
+            self.problem(
+                "mqtt.cert_file",
+                "a client certificate needs both mqtt.cert_file and mqtt.key_file".into(),
+            );
         }
         if (ca_file.is_some() || cert_file.is_some()) && !url.tls {
-            self.problem("mqtt.url", format!("{url} is not TLS but certificates are configured: use mqtts://"));
+            self.problem(
+                "mqtt.url",
+                format!("{url} is not TLS but certificates are configured: use mqtts://"),
+            );
         }
         let mqtt = MqttConfig {
             username: self.optional_string("mqtt.username"),
@@ -460,25 +569,34 @@ impl Reader<'_> {
             cert_file,
             key_file,
             telemetry_interval: Duration::from_secs_f64(
-                self.number("mqtt.telemetry_interval_s", 0.1, 86_400.0).unwrap_or(DEFAULT_TELEMETRY_INTERVAL_S),
+                self.number("mqtt.telemetry_interval_s", 0.1, 86_400.0)
+                    .unwrap_or(DEFAULT_TELEMETRY_INTERVAL_S),
             ),
             encoding: match self.string("mqtt.encoding").as_deref() {
                 None | Some("cbor") => Encoding::Cbor,
                 Some("json") => Encoding::Json,
                 Some(other) => {
-                    self.problem("mqtt.encoding", format!("{other:?} is not one of cbor, json"));
+                    self.problem(
+                        "mqtt.encoding",
+                        format!("{other:?} is not one of cbor, json"),
+                    );
                     Encoding::Cbor
                 }
             },
             keep_alive: Duration::from_secs(
-                self.number("mqtt.keep_alive_s", 5.0, 3600.0).map(|s| s as u64).unwrap_or(DEFAULT_KEEP_ALIVE_S),
+                self.number("mqtt.keep_alive_s", 5.0, 3600.0)
+                    .map(|s| s as u64)
+                    .unwrap_or(DEFAULT_KEEP_ALIVE_S),
             ),
             version: match self.value("mqtt.protocol").cloned() {
                 None => MqttVersion::V311,
                 Some(toml::Value::String(s)) if s == "3.1.1" => MqttVersion::V311,
                 Some(toml::Value::String(s)) if s == "5" => MqttVersion::V5,
                 Some(other) => {
-                    self.problem("mqtt.protocol", format!("{other} is not one of \"3.1.1\", \"5\""));
+                    self.problem(
+                        "mqtt.protocol",
+                        format!("{other} is not one of \"3.1.1\", \"5\""),
+                    );
                     MqttVersion::V311
                 }
             },
@@ -491,22 +609,35 @@ impl Reader<'_> {
 
         let api = ApiConfig {
             listen: match self.string("api.listen") {
-                None => DEFAULT_API_LISTEN.parse().expect("the default address parses"),
+                None => DEFAULT_API_LISTEN
+                    .parse()
+                    .expect("the default address parses"),
                 Some(s) => s.parse().unwrap_or_else(|_| {
-                    self.problem("api.listen", format!("{s:?} is not an address:port (e.g. 127.0.0.1:8000)"));
-                    DEFAULT_API_LISTEN.parse().expect("the default address parses")
+                    self.problem(
+                        "api.listen",
+                        format!("{s:?} is not an address:port (e.g. 127.0.0.1:8000)"),
+                    );
+                    DEFAULT_API_LISTEN
+                        .parse()
+                        .expect("the default address parses")
                 }),
             },
         };
 
         let energy = EnergyConfig {
-            sysfs_root: self.optional_string("energy.sysfs_root").map(PathBuf::from).unwrap_or_else(|| "/".into()),
+            sysfs_root: self
+                .optional_string("energy.sysfs_root")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/".into()),
             total_rail: self.optional_string("energy.total_rail"),
             source: self.optional_string("energy.source").and_then(|s| {
                 let kind = SourceKind::parse(&s);
                 if kind.is_none() {
                     let kinds: Vec<&str> = SourceKind::ALL.iter().map(|k| k.as_str()).collect();
-                    self.problem("energy.source", format!("{s:?} is not one of {}", kinds.join(", ")));
+                    self.problem(
+                        "energy.source",
+                        format!("{s:?} is not one of {}", kinds.join(", ")),
+                    );
                 }
                 kind
             }),
@@ -528,17 +659,69 @@ impl Reader<'_> {
                     }
                 }
             }
-            Some(other) => self.problem("ota.trusted_keys", format!("{other} is not a table of key id = public key")),
+            Some(other) => self.problem(
+                "ota.trusted_keys",
+                format!("{other} is not a table of key id = public key"),
+            ),
         }
         let ota = OtaConfig {
             trusted_keys,
-            max_accuracy_drop: self.number("ota.max_accuracy_drop", 0.0, 1.0).unwrap_or(DEFAULT_MAX_ACCURACY_DROP),
-            canary: Duration::from_secs(self.number("ota.canary_s", 0.0, 86_400.0).map(|s| s as u64).unwrap_or(DEFAULT_CANARY_S)),
-            keep_versions: self.number("ota.keep_versions", 0.0, 100.0).map(|n| n as u64).unwrap_or(DEFAULT_KEEP_VERSIONS),
+            max_accuracy_drop: self
+                .number("ota.max_accuracy_drop", 0.0, 1.0)
+                .unwrap_or(DEFAULT_MAX_ACCURACY_DROP),
+            canary: Duration::from_secs(
+                self.number("ota.canary_s", 0.0, 86_400.0)
+                    .map(|s| s as u64)
+                    .unwrap_or(DEFAULT_CANARY_S),
+            ),
+            keep_versions: self
+                .number("ota.keep_versions", 0.0, 100.0)
+                .map(|n| n as u64)
+                .unwrap_or(DEFAULT_KEEP_VERSIONS),
         };
-        let workload = WorkloadConfig { rate_per_s: self.number("workload.rate_per_s", 0.0, 1e6).unwrap_or(0.0) };
-        Config { device_id, fleet, state_dir, model, mqtt, api, energy, ota, workload, sources }
+        let workload = WorkloadConfig {
+            rate_per_s: self.number("workload.rate_per_s", 0.0, 1e6).unwrap_or(0.0),
+        };
+        Config {
+            device_id,
+            fleet,
+            state_dir,
+            model,
+            mqtt,
+            api,
+            energy,
+            ota,
+            workload,
+            sources,
+        }
     }
+}
+
+/// What `check-config` prints for a valid configuration.
+pub fn summary(config: &Config) -> String {
+    let files: Vec<String> = config
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    format!(
+        "configuration ok ({})\n  device {} in fleet {}\n  broker {} ({}, telemetry every {} s)\n  model {} on {}, {}, {} threads\n  state in {}\n  {} trusted update key(s)",
+        files.join(", "),
+        config.device_id,
+        config.fleet,
+        config.mqtt.url,
+        match config.mqtt.encoding {
+            Encoding::Cbor => "cbor",
+            Encoding::Json => "json",
+        },
+        config.mqtt.telemetry_interval.as_secs_f64(),
+        config.model.path.display(),
+        config.model.device.as_str(),
+        config.model.precision.as_str(),
+        config.model.threads,
+        config.state_dir.display(),
+        config.ota.trusted_keys.len(),
+    )
 }
 
 /// 32 bytes of standard base64 (44 characters with padding).
@@ -549,4 +732,165 @@ fn is_ed25519_public_key(s: &str) -> bool {
         && bytes[43] == b'='
         && bytes[42] != b'='
         && bytes[..43].iter().all(|b| ALPHABET.contains(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, text: &str) -> PathBuf {
+        let path = dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn messages(e: ConfigError) -> Vec<String> {
+        e.problems.iter().map(|p| p.to_string()).collect()
+    }
+
+    const KEY: &str = "GXoNRVVu6DHDpmhtLEH6dPvd5Tdv2l6hMn4cmFrR/ws=";
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "agent.toml", "fleet = \"lab\"\n");
+        let c = load(&path, []).unwrap();
+        assert_eq!(c.fleet, "lab");
+        assert_eq!(
+            c.mqtt.url,
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(c.mqtt.telemetry_interval, Duration::from_secs(10));
+        assert_eq!(c.mqtt.encoding, Encoding::Cbor);
+        assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_PATH));
+        assert_eq!(c.model.threads, 2);
+        assert_eq!(c.api.listen, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.ota.keep_versions, 3);
+        assert!(!c.device_id.is_empty());
+    }
+
+    #[test]
+    fn dropins_then_environment_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "agent.toml", "fleet = \"lab\"\n[mqtt]\nurl = \"mqtt://a:1\"\ntelemetry_interval_s = 5\n[ota]\ntrusted_keys = { \"ops-1\" = \"KEY\" }\n".replace("KEY", KEY).as_str());
+        write(
+            dir.path(),
+            "agent.toml.d/20-late.toml",
+            "[mqtt]\nurl = \"mqtt://c:3\"\n",
+        );
+        write(
+            dir.path(),
+            "agent.toml.d/10-early.toml",
+            "[mqtt]\nurl = \"mqtt://b:2\"\nencoding = \"json\"\n",
+        );
+        write(dir.path(), "agent.toml.d/README", "not toml, not read");
+        let c = load(
+            &path,
+            [
+                (
+                    "PLASTER_MQTT_TELEMETRY_INTERVAL_S".to_string(),
+                    "2.5".to_string(),
+                ),
+                ("PLASTER_DEVICE_ID".to_string(), "jetson-017".to_string()),
+                ("HOME".to_string(), "/root".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.url.to_string(), "mqtt://c:3");
+        assert_eq!(c.mqtt.encoding, Encoding::Json);
+        assert_eq!(c.mqtt.telemetry_interval, Duration::from_millis(2500));
+        assert_eq!(c.device_id, "jetson-017");
+        assert_eq!(c.ota.trusted_keys["ops-1"], KEY);
+        assert_eq!(c.sources.len(), 3);
+    }
+
+    #[test]
+    fn five_errors_are_all_reported_with_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "agent.toml", "fleet = \"lab\"\n[model]\ndevice = \"tpu\"\nthreads = 0\n[mqtt]\nurl = \"http://broker\"\ntelemetry_intervl_s = 5\n");
+        let dropin = write(
+            dir.path(),
+            "agent.toml.d/50-site.toml",
+            "[api]\nlisten = \"everywhere\"\n",
+        );
+        let err = load(
+            &path,
+            [("PLASTER_MQTT_ENCODING".to_string(), "xml".to_string())],
+        )
+        .unwrap_err();
+        let file = path.display().to_string();
+        let dropin = dropin.display().to_string();
+        assert_eq!(
+            messages(err),
+            vec![
+                format!("{file}: model.device: \"tpu\" is not one of cpu, cuda, auto"),
+                format!("{file}: model.threads: 0 is out of range (1..=1024)"),
+                format!("{file}: mqtt.url: \"http://broker\" is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"),
+                "environment PLASTER_MQTT_ENCODING: mqtt.encoding: \"xml\" is not one of cbor, json".to_string(),
+                format!("{dropin}: api.listen: \"everywhere\" is not an address:port (e.g. 127.0.0.1:8000)"),
+                format!("{file}: mqtt.telemetry_intervl_s: unknown key"),
+            ]
+        );
+    }
+
+    #[test]
+    fn file_level_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        assert_eq!(
+            messages(load(&missing, []).unwrap_err())[0],
+            format!("{}: file not found", missing.display())
+        );
+        let bad = write(dir.path(), "bad.toml", "fleet = \n");
+        let m = messages(load(&bad, []).unwrap_err());
+        assert!(
+            m[0].starts_with(&format!("{}: not valid TOML: ", bad.display())),
+            "{m:?}"
+        );
+        let nofleet = write(
+            dir.path(),
+            "nofleet.toml",
+            "device_id = \"a/b\"\n[ota]\ntrusted_keys = { k = \"short\" }\n",
+        );
+        let f = nofleet.display().to_string();
+        assert_eq!(
+            messages(load(&nofleet, []).unwrap_err()),
+            vec![
+                format!("{f}: device_id: \"a/b\" contains a character MQTT topics cannot carry (/ + # or a control character)"),
+                format!("{f}: fleet: missing: every device belongs to a fleet (e.g. fleet = \"lab\")"),
+                format!("{f}: ota.trusted_keys.k: is not a base64 Ed25519 public key (32 bytes; make one with `plaster-agent keygen`)"),
+            ]
+        );
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            BrokerUrl::parse("mqtts://broker.example:8883").unwrap(),
+            BrokerUrl {
+                tls: true,
+                host: "broker.example".into(),
+                port: 8883
+            }
+        );
+        assert_eq!(
+            BrokerUrl::parse("mqtt://[::1]:1884").unwrap().to_string(),
+            "mqtt://[::1]:1884"
+        );
+        assert_eq!(BrokerUrl::parse("mqtts://b").unwrap().port, 8883);
+        assert_eq!(
+            BrokerUrl::parse("mqtt://b:x").unwrap_err(),
+            "\"mqtt://b:x\" has an invalid port \"x\""
+        );
+        assert_eq!(
+            BrokerUrl::parse("mqtt://").unwrap_err(),
+            "\"mqtt://\" has no host"
+        );
+    }
 }

@@ -24,6 +24,18 @@ fn main() -> ExitCode {
             cli::sensors::run(args);
             Ok(())
         }
+        Command::CheckConfig(args) => {
+            return match plaster_agent::config::load(&args.config, std::env::vars()) {
+                Ok(config) => {
+                    println!("{}", plaster_agent::config::summary(&config));
+                    ExitCode::from(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(exit::CONFIG)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -19,21 +19,45 @@ pub fn model_path(rel: &str) -> PathBuf {
     repo_root().join("models").join(rel)
 }
 
-/// The `plaster-agent` binary cargo built next to this test executable
-/// (`cargo test --workspace` builds it; it lives one level above `deps/`).
+/// The `plaster-agent` binary next to this test executable (one level above `deps/`), built
+/// once per test process so that `cargo test -p plaster-agent-tests` never runs a stale one
+/// (under `cargo test --workspace` it is built already and this is a quick no-op check).
 pub fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
-    let bin = dir.join(format!("plaster-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the suite with `cargo test --workspace` so cargo builds the binary",
-        bin.display()
-    );
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/..");
+            let profile = dir.file_name().and_then(|s| s.to_str()).unwrap_or("debug");
+            let mut build = Command::new(env!("CARGO"));
+            build.args([
+                "build",
+                "--quiet",
+                "-p",
+                "plaster-agent",
+                "--bin",
+                "plaster-agent",
+            ]);
+            if profile == "release" {
+                build.arg("--release");
+            }
+            let status = build
+                .current_dir(repo_root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build -p plaster-agent failed");
+            let bin = dir.join(format!("plaster-agent{}", std::env::consts::EXE_SUFFIX));
+            assert!(
+                bin.is_file(),
+                "{} is missing after cargo build",
+                bin.display()
+            );
+            bin
+        })
+        .clone()
 }
 
 /// What one run of the agent produced.

@@ -86,7 +86,8 @@ fn copy_dir(from: &Path, to: &Path) {
 pub fn overwrite_in_place(path: &Path, value: &str) {
     use std::os::unix::fs::FileExt;
     let file = fs::OpenOptions::new().write(true).open(path).unwrap();
-    file.write_all_at(format!("{value:<31}\n").as_bytes(), 0).unwrap();
+    file.write_all_at(format!("{value:<31}\n").as_bytes(), 0)
+        .unwrap();
 }
 
 pub fn write_atomic(path: &Path, value: &str) {

@@ -38,6 +38,15 @@ pub enum Command {
     Bench(BenchArgs),
     /// List the energy, battery and thermal sources of this machine with a live reading
     Sensors(sensors::SensorsArgs),
+    /// Validate a daemon configuration and print every problem at once
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file; drop-ins are read from PATH.d/*.toml, then PLASTER_* variables
+    #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]

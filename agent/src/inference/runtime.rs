@@ -20,6 +20,16 @@ pub enum DeviceKind {
     Auto,
 }
 
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Auto => "auto",
+        }
+    }
+}
+
 /// The runtime inference actually runs on, as reported in `device.runtime`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -63,7 +63,10 @@ fn ina3221_hwmon(dir: &Path, addr: &str, total_rail: Option<&str>) -> Found {
         }
         rails.push((
             label,
-            Probe::voltage_current(dir.join(format!("in{n}_input")), dir.join(format!("curr{n}_input"))),
+            Probe::voltage_current(
+                dir.join(format!("in{n}_input")),
+                dir.join(format!("curr{n}_input")),
+            ),
         ));
     }
     choose_total(
@@ -109,10 +112,7 @@ fn ina3221_iio(dir: &Path, addr: &str, total_rail: Option<&str>) -> Found {
 fn ina238(dir: &Path, addr: &str) -> Found {
     // in0 is the shunt voltage; channel 1 is the bus: power1_input in microwatts.
     let label = read_optional_text(&dir.join("in1_label")).unwrap_or_else(|| "VIN".to_string());
-    let rails = vec![(
-        label,
-        Probe::power(dir.join("power1_input"), 1e-6),
-    )];
+    let rails = vec![(label, Probe::power(dir.join("power1_input"), 1e-6))];
     choose_total(
         format!("ina238 {addr}"),
         SourceKind::Ina238,

@@ -22,10 +22,7 @@ pub(crate) fn find_rapl(root: &Path) -> Option<Result<RailSource, (String, Sourc
     for dir in &domains {
         let name = read_optional_text(&dir.join("name")).unwrap_or_else(|| "unknown".into());
         let wrap = read_number(&dir.join("max_energy_range_uj")).ok();
-        rails.push((
-            name,
-            Probe::counter(dir.join("energy_uj"), 1e-6, wrap),
-        ));
+        rails.push((name, Probe::counter(dir.join("energy_uj"), 1e-6, wrap)));
     }
     let psys = rails.iter().position(|(n, _)| n == "psys");
     let (total, name) = match psys {
@@ -88,10 +85,7 @@ pub(crate) fn find_hwmon_energy(
             let stem = file.trim_end_matches("_input");
             let label = read_optional_text(&dir.join(format!("{stem}_label")))
                 .unwrap_or_else(|| stem.to_string());
-            rails.push((
-                label,
-                Probe::counter(path, 1e-6, None),
-            ));
+            rails.push((label, Probe::counter(path, 1e-6, None)));
         }
         // Per-socket counters are the totals where a driver also lists per-core ones.
         let sockets: Vec<usize> = rails

@@ -94,17 +94,26 @@ impl Attr {
         use std::os::unix::fs::FileExt;
         let file = match &self.file {
             Some(file) => file,
-            None => self.file.insert(fs::File::open(&self.path).map_err(|e| io_error(&self.path, e))?),
+            None => self
+                .file
+                .insert(fs::File::open(&self.path).map_err(|e| io_error(&self.path, e))?),
         };
         let mut buf = [0u8; 64];
-        let n = file.read_at(&mut buf, 0).map_err(|e| io_error(&self.path, e))?;
+        let n = file
+            .read_at(&mut buf, 0)
+            .map_err(|e| io_error(&self.path, e))?;
         let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
         if text.is_empty() {
-            return Err(SensorError::Empty { path: self.path.clone() });
+            return Err(SensorError::Empty {
+                path: self.path.clone(),
+            });
         }
         match text.parse::<f64>() {
             Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(SensorError::Garbage { path: self.path.clone(), text }),
+            _ => Err(SensorError::Garbage {
+                path: self.path.clone(),
+                text,
+            }),
         }
     }
 }
@@ -117,36 +126,60 @@ pub(crate) enum Probe {
     /// A power attribute, scaled to watts (iio mW: 1e-3; INA238 and batteries µW: 1e-6).
     Power { attr: Attr, watts_per_unit: f64 },
     /// A cumulative energy counter scaled to joules (µJ: 1e-6), wrapping at `wrap` units.
-    Counter { attr: Attr, joules_per_unit: f64, wrap: Option<f64> },
+    Counter {
+        attr: Attr,
+        joules_per_unit: f64,
+        wrap: Option<f64>,
+    },
 }
 
 impl Probe {
     pub(crate) fn voltage_current(millivolts: PathBuf, milliamps: PathBuf) -> Probe {
-        Probe::VoltageCurrent { millivolts: Attr::new(millivolts), milliamps: Attr::new(milliamps) }
+        Probe::VoltageCurrent {
+            millivolts: Attr::new(millivolts),
+            milliamps: Attr::new(milliamps),
+        }
     }
 
     pub(crate) fn power(path: PathBuf, watts_per_unit: f64) -> Probe {
-        Probe::Power { attr: Attr::new(path), watts_per_unit }
+        Probe::Power {
+            attr: Attr::new(path),
+            watts_per_unit,
+        }
     }
 
     pub(crate) fn counter(path: PathBuf, joules_per_unit: f64, wrap: Option<f64>) -> Probe {
-        Probe::Counter { attr: Attr::new(path), joules_per_unit, wrap }
+        Probe::Counter {
+            attr: Attr::new(path),
+            joules_per_unit,
+            wrap,
+        }
     }
 
     /// Reads the channel; power above `limit` is rejected as implausible (a sensor glitch or
     /// a wrong unit), never reported.
     pub(crate) fn read(&mut self, limit: Watts) -> Result<Reading, SensorError> {
         match self {
-            Probe::VoltageCurrent { millivolts, milliamps } => {
+            Probe::VoltageCurrent {
+                millivolts,
+                milliamps,
+            } => {
                 let mv = millivolts.number()?;
                 let ma = milliamps.number()?;
                 check_power(Watts((mv * ma).abs() / 1e6), limit, &milliamps.path)
             }
-            Probe::Power { attr, watts_per_unit } => {
+            Probe::Power {
+                attr,
+                watts_per_unit,
+            } => {
                 let raw = attr.number()?;
                 check_power(Watts(raw.abs() * *watts_per_unit), limit, &attr.path)
             }
-            Probe::Counter { attr, joules_per_unit, wrap } => {
+            Probe::Counter {
+                attr,
+                joules_per_unit,
+                wrap,
+            } => {
                 let raw = attr.number()?;
                 if raw < 0.0 {
                     return Err(SensorError::Implausible {
@@ -204,12 +237,18 @@ impl super::EnergySource for RailSource {
     fn read_total(&mut self) -> Result<Vec<Reading>, SensorError> {
         let limit = self.limit;
         let rails = &mut self.rails;
-        self.total.iter().map(|&ix| rails[ix].1.read(limit)).collect()
+        self.total
+            .iter()
+            .map(|&ix| rails[ix].1.read(limit))
+            .collect()
     }
 
     fn read_rails(&mut self) -> Vec<(String, Result<Reading, SensorError>)> {
         let limit = self.limit;
-        self.rails.iter_mut().map(|(name, probe)| (name.clone(), probe.read(limit))).collect()
+        self.rails
+            .iter_mut()
+            .map(|(name, probe)| (name.clone(), probe.read(limit)))
+            .collect()
     }
 }
 
