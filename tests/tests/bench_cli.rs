@@ -499,3 +499,40 @@ fn a_fixed_batch_model_refuses_another_batch() {
         "error: --batch 4: model input \"data_0\" has a fixed batch of 1",
     );
 }
+
+#[test]
+fn profile_says_where_the_time_goes() {
+    let report = bench_json(&[
+        "models/squeezenet/model.onnx",
+        "--device",
+        "cpu",
+        "--profile",
+    ]);
+    let p = &report["profile"];
+    assert!(p["runs"].as_u64().unwrap() >= 1);
+    let ops = p["ops"].as_array().unwrap();
+    let shares: f64 = ops.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 1e-6, "{shares}");
+    // The ops' times account for the run's wall time, within 5%.
+    let wall = p["wall_ms_per_inference"].as_f64().unwrap();
+    let in_ops: f64 = ops
+        .iter()
+        .map(|o| o["ms_per_inference"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (in_ops / wall - 1.0).abs() < 0.05,
+        "ops {in_ops} ms of {wall} ms"
+    );
+    assert!((p["ops_ms_per_inference"].as_f64().unwrap() - in_ops).abs() < 1e-6 * wall.max(1.0));
+    // A CNN's convolutions are matmuls in tract: they lead, and the cost model gives their rate.
+    let matmul = ops
+        .iter()
+        .find(|o| o["op"] == "OptMatMul")
+        .expect("OptMatMul in the profile");
+    assert!(matmul["gflops_per_s"].as_f64().unwrap() > 0.0);
+    assert!(matmul["nodes"].as_u64().unwrap() >= 20);
+    let sorted = ops
+        .windows(2)
+        .all(|w| w[0]["ms_per_inference"].as_f64() >= w[1]["ms_per_inference"].as_f64());
+    assert!(sorted, "ops are listed slowest first");
+}

@@ -78,6 +78,11 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         dataset.check_fits(&inputs)?;
     }
     let pool = input_pool(&prepared, dataset.as_ref())?;
+    let profile_inputs = if args.profile {
+        pool.clone()
+    } else {
+        Vec::new()
+    };
 
     let mut session = prepared.session()?;
     let mut next = 0usize;
@@ -144,6 +149,15 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let energy = meter.finish_window(inferences);
     bar.finish_and_clear();
 
+    let profile = if args.profile {
+        let bar = progress_bar(&format!("profile {}", model.source.name), duration);
+        let profile = prepared.profile(&profile_inputs, duration)?;
+        bar.finish_and_clear();
+        Some(profile)
+    } else {
+        None
+    };
+
     let accuracy = match &dataset {
         Some(dataset) => Some(measure_accuracy(
             &model, &prepared, dataset, &choice, threads,
@@ -182,6 +196,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         throughput: throughput(args, &outcome, batch, valid),
         energy,
         learning: Learning::without_updates("bench runs no model updates"),
+        profile,
     })
 }
 

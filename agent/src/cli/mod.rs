@@ -105,6 +105,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// After the run, time every op of the plan for another --duration and print where the
+    /// time goes (op kind, share, ms per inference, GFLOP/s)
+    #[arg(long)]
+    pub profile: bool,
+
     /// Read energy sensors under this directory instead of / (a recorded tree of a board)
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub sysfs_root: PathBuf,

@@ -20,8 +20,13 @@ pub fn render(report: &Report) -> String {
         .version
         .map(|v| format!(" v{v}"))
         .unwrap_or_default();
+    let profile = report
+        .profile
+        .as_ref()
+        .map(render_profile)
+        .unwrap_or_default();
     format!(
-        "model  {}{version} (sha256 {})\ndevice {} ({}, {} runtime, {} thread{})\n{table}\n",
+        "model  {}{version} (sha256 {})\ndevice {} ({}, {} runtime, {} thread{})\n{table}\n{profile}",
         report.model.name,
         &report.model.sha256[..report.model.sha256.len().min(12)],
         report.device.id,
@@ -29,6 +34,31 @@ pub fn render(report: &Report) -> String {
         report.device.runtime,
         report.device.threads,
         if report.device.threads == 1 { "" } else { "s" },
+    )
+}
+
+fn render_profile(p: &crate::inference::Profile) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic);
+    table.set_header(vec!["op", "nodes", "share", "ms/inference", "GFLOP/s"]);
+    for op in &p.ops {
+        table.add_row(vec![
+            op.op.clone(),
+            op.nodes.to_string(),
+            format!("{:.1}%", op.share * 100.0),
+            sig(op.ms_per_inference),
+            op.gflops_per_s
+                .map(|g| format!("{g:.1}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    format!(
+        "profile: {} runs, {} ms/inference wall, {} ms in ops\n{table}\n",
+        p.runs,
+        sig(p.wall_ms_per_inference),
+        sig(p.ops_ms_per_inference)
     )
 }
 

@@ -6,6 +6,7 @@
 //! dedicated threads, never on an async runtime.
 
 mod error;
+mod profile;
 mod programmability;
 mod runtime;
 mod source;
@@ -19,6 +20,7 @@ use tract_onnx::tract_core::runtime::{RunOptions, Runnable, State};
 use tract_onnx::tract_core::transform::get_transform;
 
 pub use error::InferenceError;
+pub use profile::{OpProfile, Profile};
 pub use programmability::Programmability;
 pub use runtime::{select_runtime, DeviceKind, RuntimeChoice, RuntimeKind};
 pub use source::{InputSpec, ModelSource, OnnxModel};

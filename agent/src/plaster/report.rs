@@ -24,6 +24,9 @@ pub struct Report {
     pub throughput: Throughput,
     pub energy: EnergyReport,
     pub learning: Learning,
+    /// Per-op profile, only with `bench --profile` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::inference::Profile>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,121 @@
+//! Where a model's time goes: each node of the plan timed over repeated runs, grouped by op
+//! kind, with the GFLOP/s tract's cost model implies (`bench --profile`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::Cost;
+use tract_onnx::tract_core::plan::{eval, SimpleState};
+
+use super::{InferenceError, PreparedModel};
+
+/// The per-op profile of a prepared model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Runs (queries) profiled.
+    pub runs: u64,
+    /// Wall-clock time per inference around the whole plan.
+    pub wall_ms_per_inference: f64,
+    /// The sum of the ops' times per inference; the rest of the wall time is the plan's own.
+    pub ops_ms_per_inference: f64,
+    /// Op kinds, slowest first.
+    pub ops: Vec<OpProfile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpProfile {
+    /// tract's op name, e.g. `OptMatMul`, `Max`, `OptMaxPool`.
+    pub op: String,
+    pub nodes: usize,
+    pub ms_per_inference: f64,
+    /// Share of the ops' total time, 0 to 1.
+    pub share: f64,
+    /// Floating-point throughput of these nodes, when the cost model counts their work.
+    pub gflops_per_s: Option<f64>,
+}
+
+impl PreparedModel {
+    /// Runs the plan over `inputs` (cycled) for about `duration`, timing every node.
+    pub fn profile(
+        &self,
+        inputs: &[TVec<TValue>],
+        duration: Duration,
+    ) -> Result<Profile, InferenceError> {
+        let plan = self
+            .runnable
+            .typed_plan()
+            .ok_or_else(|| {
+                InferenceError::Run("this runtime's plan cannot be profiled per node".into())
+            })?
+            .clone();
+        let model = plan.model();
+        let mut flops = vec![0f64; model.nodes().len()];
+        for node in model.nodes() {
+            let Ok(facts) = model.node_input_facts(node.id) else {
+                continue;
+            };
+            if let Ok(costs) = node.op.cost(&facts) {
+                for (cost, count) in costs {
+                    let per = match cost {
+                        Cost::FMA(_) => 2.0,
+                        Cost::Div(_) => 1.0,
+                        _ => continue,
+                    };
+                    flops[node.id] += per * count.to_i64().unwrap_or(0) as f64;
+                }
+            }
+        }
+        let mut state = SimpleState::new(&plan).map_err(InferenceError::run)?;
+        let mut per_node = vec![Duration::ZERO; model.nodes().len()];
+        let mut runs = 0u64;
+        let mut wall = Duration::ZERO;
+        let start = Instant::now();
+        while runs == 0 || start.elapsed() < duration {
+            let input = inputs[runs as usize % inputs.len()].clone();
+            let t0 = Instant::now();
+            state
+                .run_plan_with_eval(input, |ctx, op_state, node, node_inputs| {
+                    let t = Instant::now();
+                    let result = eval(ctx, op_state, node, node_inputs);
+                    per_node[node.id] += t.elapsed();
+                    result
+                })
+                .map_err(InferenceError::run)?;
+            wall += t0.elapsed();
+            runs += 1;
+        }
+        let per_inference = |d: Duration| d.as_secs_f64() * 1e3 / (runs as f64 * self.batch as f64);
+        let mut groups: BTreeMap<String, (usize, Duration, f64)> = BTreeMap::new();
+        for node in model.nodes() {
+            let entry = groups.entry(node.op().name().to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += per_node[node.id];
+            entry.2 += flops[node.id];
+        }
+        let total: Duration = per_node.iter().sum();
+        let mut ops: Vec<OpProfile> = groups
+            .into_iter()
+            .filter(|(_, (_, time, _))| !time.is_zero())
+            .map(|(op, (nodes, time, flops_per_run))| {
+                let seconds_per_run = time.as_secs_f64() / runs as f64;
+                OpProfile {
+                    op,
+                    nodes,
+                    ms_per_inference: per_inference(time),
+                    share: time.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE),
+                    gflops_per_s: (flops_per_run > 0.0 && seconds_per_run > 0.0)
+                        .then(|| flops_per_run / seconds_per_run / 1e9),
+                }
+            })
+            .collect();
+        ops.sort_by(|a, b| b.ms_per_inference.total_cmp(&a.ms_per_inference));
+        Ok(Profile {
+            runs,
+            wall_ms_per_inference: per_inference(wall),
+            ops_ms_per_inference: per_inference(total),
+            ops,
+        })
+    }
+}
