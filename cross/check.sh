@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 BIN=target/aarch64-unknown-linux-gnu/release/plaster-agent
 MAX_GLIBC=2.31
-if ! command -v qemu-aarch64 >/dev/null || [ ! -d /usr/aarch64-linux-gnu/lib ]; then
-    apt-get install -y -q qemu-user libc6-arm64-cross >/dev/null
+if ! command -v qemu-aarch64 >/dev/null || [ ! -d /usr/aarch64-linux-gnu/lib ] || ! command -v readelf >/dev/null; then
+    apt-get update -q >/dev/null
+    apt-get install -y -q qemu-user libc6-arm64-cross binutils >/dev/null
 fi
 QEMU=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
 

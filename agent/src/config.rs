@@ -439,6 +439,21 @@ impl Reader<'_> {
         self.string(key).filter(|s| !s.is_empty())
     }
 
+    /// One of a fixed set of names; `default` when the key is absent or wrong.
+    fn choice<T: Copy>(&mut self, key: &str, options: &[(&str, T)], default: T) -> T {
+        let Some(name) = self.string(key) else {
+            return default;
+        };
+        match options.iter().find(|(n, _)| *n == name) {
+            Some((_, value)) => *value,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.problem(key, format!("{name:?} is not one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+
     fn number(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
         let v = match self.value(key)? {
             toml::Value::Integer(i) => *i as f64,
@@ -500,29 +515,20 @@ impl Reader<'_> {
                 .optional_string("model.path")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| DEFAULT_MODEL_PATH.into()),
-            device: match self.string("model.device").as_deref() {
-                None | Some("auto") => DeviceKind::Auto,
-                Some("cpu") => DeviceKind::Cpu,
-                Some("cuda") => DeviceKind::Cuda,
-                Some(other) => {
-                    self.problem(
-                        "model.device",
-                        format!("{other:?} is not one of cpu, cuda, auto"),
-                    );
-                    DeviceKind::Auto
-                }
-            },
-            precision: match self.string("model.precision").as_deref() {
-                None | Some("f32") => Precision::F32,
-                Some("f16") => Precision::F16,
-                Some(other) => {
-                    self.problem(
-                        "model.precision",
-                        format!("{other:?} is not one of f32, f16"),
-                    );
-                    Precision::F32
-                }
-            },
+            device: self.choice(
+                "model.device",
+                &[
+                    ("cpu", DeviceKind::Cpu),
+                    ("cuda", DeviceKind::Cuda),
+                    ("auto", DeviceKind::Auto),
+                ],
+                DeviceKind::Auto,
+            ),
+            precision: self.choice(
+                "model.precision",
+                &[("f32", Precision::F32), ("f16", Precision::F16)],
+                Precision::F32,
+            ),
             threads: self
                 .number("model.threads", 1.0, 1024.0)
                 .map(|t| t as usize)
@@ -572,17 +578,11 @@ impl Reader<'_> {
                 self.number("mqtt.telemetry_interval_s", 0.1, 86_400.0)
                     .unwrap_or(DEFAULT_TELEMETRY_INTERVAL_S),
             ),
-            encoding: match self.string("mqtt.encoding").as_deref() {
-                None | Some("cbor") => Encoding::Cbor,
-                Some("json") => Encoding::Json,
-                Some(other) => {
-                    self.problem(
-                        "mqtt.encoding",
-                        format!("{other:?} is not one of cbor, json"),
-                    );
-                    Encoding::Cbor
-                }
-            },
+            encoding: self.choice(
+                "mqtt.encoding",
+                &[("cbor", Encoding::Cbor), ("json", Encoding::Json)],
+                Encoding::Cbor,
+            ),
             keep_alive: Duration::from_secs(
                 self.number("mqtt.keep_alive_s", 5.0, 3600.0)
                     .map(|s| s as u64)
