@@ -19,9 +19,10 @@ pub fn model_path(rel: &str) -> PathBuf {
     repo_root().join("models").join(rel)
 }
 
-/// The `plaster-agent` binary next to this test executable (one level above `deps/`), built
-/// once per test process so that `cargo test -p plaster-agent-tests` never runs a stale one
-/// (under `cargo test --workspace` it is built already and this is a quick no-op check).
+/// The `plaster-agent` binary next to this test executable (one level above `deps/`).
+/// `cargo test --workspace` builds it; when it is missing or older than the agent's sources
+/// (`cargo test -p plaster-agent-tests` after an edit), it is built first, once per process,
+/// so a test never runs a stale binary.
 pub fn agent_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -31,33 +32,45 @@ pub fn agent_bin() -> PathBuf {
                 .parent()
                 .and_then(Path::parent)
                 .expect("target/<profile>/deps/..");
-            let profile = dir.file_name().and_then(|s| s.to_str()).unwrap_or("debug");
-            let mut build = Command::new(env!("CARGO"));
-            build.args([
-                "build",
-                "--quiet",
-                "-p",
-                "plaster-agent",
-                "--bin",
-                "plaster-agent",
-            ]);
-            if profile == "release" {
-                build.arg("--release");
-            }
-            let status = build
-                .current_dir(repo_root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cargo build -p plaster-agent failed");
             let bin = dir.join(format!("plaster-agent{}", std::env::consts::EXE_SUFFIX));
-            assert!(
-                bin.is_file(),
-                "{} is missing after cargo build",
-                bin.display()
-            );
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+            let root = repo_root();
+            let sources = [root.join("agent/src"), root.join("agent/Cargo.toml")];
+            let newest = sources.iter().filter_map(|p| newest_mtime(p)).max();
+            if built.is_none() || newest > built {
+                let profile = dir.file_name().and_then(|s| s.to_str()).unwrap_or("debug");
+                let mut build = Command::new(env!("CARGO"));
+                build.args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "plaster-agent",
+                    "--bin",
+                    "plaster-agent",
+                ]);
+                if profile == "release" {
+                    build.arg("--release");
+                }
+                let status = build.current_dir(&root).status().expect("run cargo build");
+                assert!(status.success(), "cargo build -p plaster-agent failed");
+            }
+            assert!(bin.is_file(), "{} is missing", bin.display());
             bin
         })
         .clone()
+}
+
+/// The latest modification time of a file, or of any file below a directory.
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
 }
 
 /// What one run of the agent produced.
