@@ -20,15 +20,18 @@ fn main() -> ExitCode {
             }
             cli::bench::run(args).map_err(anyhow::Error::from)
         }
-        Command::Sensors(args) => {
-            cli::sensors::run(args);
-            Ok(())
-        }
+        Command::Sensors(args) => cli::sensors::run(args).map_err(anyhow::Error::from),
         Command::CheckConfig(args) => {
             return match plaster_agent::config::load(&args.config, std::env::vars()) {
                 Ok(config) => {
-                    println!("{}", plaster_agent::config::summary(&config));
-                    ExitCode::from(exit::OK)
+                    let summary = format!("{}\n", plaster_agent::config::summary(&config));
+                    match cli::write_stdout(&summary) {
+                        Ok(()) => ExitCode::from(exit::OK),
+                        Err(e) => {
+                            eprintln!("error: writing to stdout: {e}");
+                            ExitCode::from(exit::FAILURE)
+                        }
+                    }
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -50,6 +50,8 @@ pub enum BenchError {
     Inference(#[from] InferenceError),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    #[error("writing the report to stdout: {0}")]
+    Output(std::io::Error),
     #[error("--batch {requested}: model input \"{input}\" has a fixed batch of {fixed}")]
     FixedBatch {
         requested: usize,
@@ -203,15 +205,15 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
 /// Runs `bench` as the command line does: the report as JSON or as a table on stdout.
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     let report = measure(args)?;
-    if args.json {
-        println!(
-            "{}",
+    let text = if args.json {
+        format!(
+            "{}\n",
             serde_json::to_string(&report).expect("reports always serialize")
-        );
+        )
     } else {
-        print!("{}", scorecard::render(&report));
-    }
-    Ok(())
+        scorecard::render(&report)
+    };
+    super::write_stdout(&text).map_err(BenchError::Output)
 }
 
 /// The meter of the best energy source under `--sysfs-root`, or one that says why there is

@@ -151,6 +151,18 @@ impl BenchArgs {
     }
 }
 
+/// Writes a command's output. A reader that went away (`| head`) is not a failure: the
+/// output was not wanted any more, so a closed pipe ends the command quietly instead of
+/// panicking as `println!` would.
+pub fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()

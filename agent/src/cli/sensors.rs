@@ -191,16 +191,17 @@ fn rate(a: &Reading, b: &Reading, seconds: f64) -> f64 {
     }
 }
 
-pub fn run(args: &SensorsArgs) {
+pub fn run(args: &SensorsArgs) -> std::io::Result<()> {
     let report = inspect(args);
-    if args.json {
-        println!(
-            "{}",
+    let text = if args.json {
+        format!(
+            "{}\n",
             serde_json::to_string(&report).expect("sensor reports always serialize")
-        );
+        )
     } else {
-        print!("{}", render(&report));
-    }
+        render(&report)
+    };
+    super::write_stdout(&text)
 }
 
 fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
