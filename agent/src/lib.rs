@@ -11,6 +11,7 @@ pub mod device;
 pub mod inference;
 pub mod plaster;
 pub mod sensors;
+pub mod telemetry;
 
 /// The agent's version, as printed by `--version` and published in the MQTT birth message.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
