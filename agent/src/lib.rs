@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod inference;
+pub mod mqtt;
 pub mod plaster;
 pub mod sensors;
 pub mod telemetry;
