@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the release aarch64 (Jetson) binary of plaster-agent without Docker: cargo-zigbuild
 # links against glibc 2.31, so one binary runs on JetPack 5 (Ubuntu 20.04) and JetPack 6
-# (Ubuntu 22.04). Installs what it needs from the ordinary registries (rustup, PyPI, crates.io).
+# (Ubuntu 22.04). Installs what it needs from the ordinary registries (rustup, pip, cargo).
 #
 #   cross/build.sh            -> target/aarch64-unknown-linux-gnu/release/plaster-agent
 set -euo pipefail
