@@ -20,6 +20,9 @@ pub struct Profile {
     pub wall_ms_per_inference: f64,
     /// The sum of the ops' times per inference; the rest of the wall time is the plan's own.
     pub ops_ms_per_inference: f64,
+    /// The median over runs of (time in ops / wall time): how completely the ops account for a
+    /// run. The median keeps a run the scheduler interrupted between two ops from skewing it.
+    pub ops_share_of_wall: f64,
     /// Op kinds, slowest first.
     pub ops: Vec<OpProfile>,
 }
@@ -71,9 +74,11 @@ impl PreparedModel {
         let mut per_node = vec![Duration::ZERO; model.nodes().len()];
         let mut runs = 0u64;
         let mut wall = Duration::ZERO;
+        let mut coverage = Vec::new();
         let start = Instant::now();
         while runs == 0 || start.elapsed() < duration {
             let input = inputs[runs as usize % inputs.len()].clone();
+            let ops_before: Duration = per_node.iter().sum();
             let t0 = Instant::now();
             state
                 .run_plan_with_eval(input, |ctx, op_state, node, node_inputs| {
@@ -83,7 +88,10 @@ impl PreparedModel {
                     result
                 })
                 .map_err(InferenceError::run)?;
-            wall += t0.elapsed();
+            let run_wall = t0.elapsed();
+            let run_ops = per_node.iter().sum::<Duration>() - ops_before;
+            wall += run_wall;
+            coverage.push(run_ops.as_secs_f64() / run_wall.as_secs_f64().max(f64::MIN_POSITIVE));
             runs += 1;
         }
         let per_inference = |d: Duration| d.as_secs_f64() * 1e3 / (runs as f64 * self.batch as f64);
@@ -111,10 +119,12 @@ impl PreparedModel {
             })
             .collect();
         ops.sort_by(|a, b| b.ms_per_inference.total_cmp(&a.ms_per_inference));
+        coverage.sort_by(f64::total_cmp);
         Ok(Profile {
             runs,
             wall_ms_per_inference: per_inference(wall),
             ops_ms_per_inference: per_inference(total),
+            ops_share_of_wall: coverage[coverage.len() / 2],
             ops,
         })
     }
