@@ -151,6 +151,16 @@ impl BenchArgs {
     }
 }
 
+/// A table in the style every command prints.
+pub(crate) fn table(header: Vec<&str>) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+    table.set_header(header);
+    table
+}
+
 /// Writes a command's output. A reader that went away (`| head`) is not a failure: the
 /// output was not wanted any more, so a closed pipe ends the command quietly instead of
 /// panicking as `println!` would.

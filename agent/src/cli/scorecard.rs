@@ -1,17 +1,11 @@
 //! The human scorecard: one row per PLASTER letter.
 
-use comfy_table::presets::UTF8_FULL_CONDENSED;
-use comfy_table::{ContentArrangement, Table};
-
+use super::table;
 use crate::plaster::Report;
 
 /// Renders `report` as the table `bench` prints without `--json`.
 pub fn render(report: &Report) -> String {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic);
-    table.set_header(vec!["", "PLASTER", "measured"]);
+    let mut table = table(vec!["", "PLASTER", "measured"]);
     for (letter, name, value) in rows(report) {
         table.add_row(vec![letter.to_string(), name.to_string(), value]);
     }
@@ -38,11 +32,7 @@ pub fn render(report: &Report) -> String {
 }
 
 fn render_profile(p: &crate::inference::Profile) -> String {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic);
-    table.set_header(vec!["op", "nodes", "share", "ms/inference", "GFLOP/s"]);
+    let mut table = table(vec!["op", "nodes", "share", "ms/inference", "GFLOP/s"]);
     for op in &p.ops {
         table.add_row(vec![
             op.op.clone(),
@@ -77,10 +67,10 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
     let l = &r.latency_ms;
     let latency = format!(
         "p50 {} · p90 {} · p99 {} · max {} ms ({} queries)",
-        ms(l.p50),
-        ms(l.p90),
-        ms(l.p99),
-        ms(l.max),
+        sig(l.p50),
+        sig(l.p90),
+        sig(l.p99),
+        sig(l.max),
         l.count
     );
     let accuracy = match &r.accuracy {
@@ -167,10 +157,6 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
         ('E', "Energy efficiency", energy),
         ('R', "Rate of learning", learning),
     ]
-}
-
-fn ms(v: f64) -> String {
-    sig(v)
 }
 
 /// Four significant digits, without scientific notation for everyday magnitudes.

@@ -4,10 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use comfy_table::presets::UTF8_FULL_CONDENSED;
-use comfy_table::{ContentArrangement, Table};
 use serde::Serialize;
 
+use super::table;
 use crate::sensors::battery::BatteryState;
 use crate::sensors::sampler::counter_delta;
 use crate::sensors::thermal::{self, ZoneReading};
@@ -207,14 +206,6 @@ pub fn run(args: &SensorsArgs) -> std::io::Result<()> {
 fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
     v.map(|v| format!("{v:.digits$} {unit}"))
         .unwrap_or_else(|| "-".into())
-}
-
-fn table(header: Vec<&str>) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic);
-    t.set_header(header);
-    t
 }
 
 pub fn render(report: &SensorsReport) -> String {

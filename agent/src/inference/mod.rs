@@ -49,7 +49,6 @@ pub struct PreparedModel {
     runnable: Arc<dyn Runnable>,
     runtime: RuntimeKind,
     precision: Precision,
-    threads: usize,
     batch: usize,
     input_facts: Vec<TypedFact>,
     programmability: Programmability,
@@ -121,7 +120,6 @@ impl PreparedModel {
             runnable,
             runtime: choice.kind,
             precision,
-            threads,
             batch,
             input_facts,
             programmability,
@@ -144,10 +142,6 @@ impl PreparedModel {
         self.precision
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     pub fn batch(&self) -> usize {
         self.batch
     }
@@ -165,11 +159,6 @@ impl PreparedModel {
     /// Learned parameters (elements of the model's floating-point constants).
     pub fn parameters(&self) -> u64 {
         self.parameters
-    }
-
-    /// The concrete input facts (datum type and shape) this plan expects.
-    pub fn input_facts(&self) -> &[TypedFact] {
-        &self.input_facts
     }
 
     /// The concrete shape of input `ix`.

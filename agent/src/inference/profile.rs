@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::Cost;
 use tract_onnx::tract_core::plan::{eval, SimpleState};
 
+use super::programmability::node_flops;
 use super::{InferenceError, PreparedModel};
 
 /// The per-op profile of a prepared model.
@@ -54,22 +54,12 @@ impl PreparedModel {
             })?
             .clone();
         let model = plan.model();
-        let mut flops = vec![0f64; model.nodes().len()];
-        for node in model.nodes() {
-            let Ok(facts) = model.node_input_facts(node.id) else {
-                continue;
-            };
-            if let Ok(costs) = node.op.cost(&facts) {
-                for (cost, count) in costs {
-                    let per = match cost {
-                        Cost::FMA(_) => 2.0,
-                        Cost::Div(_) => 1.0,
-                        _ => continue,
-                    };
-                    flops[node.id] += per * count.to_i64().unwrap_or(0) as f64;
-                }
-            }
-        }
+        // Nodes whose cost tract cannot state count no work (their GFLOP/s is left out).
+        let flops: Vec<f64> = model
+            .nodes()
+            .iter()
+            .map(|node| node_flops(model, node).unwrap_or(0) as f64)
+            .collect();
         let mut state = SimpleState::new(&plan).map_err(InferenceError::run)?;
         let mut per_node = vec![Duration::ZERO; model.nodes().len()];
         let mut runs = 0u64;

@@ -72,19 +72,23 @@ fn is_transfer(node: &TypedNode) -> bool {
 /// FLOPs of one run of `model` (2 per multiply-accumulate, 1 per division), or `None` when a
 /// cost is symbolic or an op cannot say.
 pub fn flops(model: &TypedModel) -> Option<u64> {
+    model.nodes().iter().try_fold(0u64, |total, node| {
+        total.checked_add(node_flops(model, node)?)
+    })
+}
+
+/// FLOPs of one evaluation of `node`, by tract's cost model, or `None` when it cannot say.
+pub(crate) fn node_flops(model: &TypedModel, node: &TypedNode) -> Option<u64> {
+    let facts = model.node_input_facts(node.id).ok()?;
     let mut total: u64 = 0;
-    for node in model.nodes() {
-        let facts = model.node_input_facts(node.id).ok()?;
-        let costs = node.op.cost(&facts).ok()?;
-        for (cost, count) in costs {
-            let per = match cost {
-                Cost::FMA(_) => 2,
-                Cost::Div(_) => 1,
-                _ => continue,
-            };
-            let count = count.to_i64().ok()?;
-            total = total.checked_add(per * count.max(0) as u64)?;
-        }
+    for (cost, count) in node.op.cost(&facts).ok()? {
+        let per = match cost {
+            Cost::FMA(_) => 2,
+            Cost::Div(_) => 1,
+            _ => continue,
+        };
+        let count = count.to_i64().ok()?;
+        total = total.checked_add(per * count.max(0) as u64)?;
     }
     Some(total)
 }

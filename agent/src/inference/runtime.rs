@@ -47,7 +47,7 @@ impl RuntimeKind {
     }
 }
 
-/// The outcome of runtime selection: which runtime, and why `auto` fell back if it did.
+/// The outcome of runtime selection: the tract runtime and which kind it is.
 #[derive(Clone, Copy, Debug)]
 pub struct RuntimeChoice {
     pub runtime: &'static dyn Runtime,

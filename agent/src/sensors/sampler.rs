@@ -242,10 +242,6 @@ impl SensorMeter {
         }
     }
 
-    pub fn sampler(&self) -> &Sampler {
-        &self.sampler
-    }
-
     /// A snapshot taken at a fresh read: waits for the next read so the boundary is exact
     /// to within one sampling period.
     fn boundary(&self) -> Snapshot {

@@ -7,18 +7,29 @@ use std::path::{Path, PathBuf};
 use super::{Joules, Reading, SensorError, Watts};
 
 pub(crate) fn read_text(path: &Path) -> Result<String, SensorError> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            let text = text.trim().to_string();
-            if text.is_empty() {
-                Err(SensorError::Empty {
-                    path: path.to_path_buf(),
-                })
-            } else {
-                Ok(text)
-            }
-        }
-        Err(e) => Err(io_error(path, e)),
+    let raw = fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+    non_empty(path, &raw)
+}
+
+/// The trimmed text of an attribute; an empty attribute is an error, not a value.
+fn non_empty(path: &Path, raw: &str) -> Result<String, SensorError> {
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err(SensorError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(text.to_string())
+}
+
+/// A finite number; garbage and NaN/infinity are errors, never values.
+fn parse_finite(path: &Path, text: String) -> Result<f64, SensorError> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(SensorError::Garbage {
+            path: path.to_path_buf(),
+            text,
+        }),
     }
 }
 
@@ -37,16 +48,9 @@ pub(crate) fn io_error(path: &Path, e: std::io::Error) -> SensorError {
     }
 }
 
-/// A finite number; garbage and NaN/infinity are errors, never values.
+/// An attribute holding a finite number.
 pub(crate) fn read_number(path: &Path) -> Result<f64, SensorError> {
-    let text = read_text(path)?;
-    match text.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(SensorError::Garbage {
-            path: path.to_path_buf(),
-            text,
-        }),
-    }
+    parse_finite(path, read_text(path)?)
 }
 
 pub(crate) fn read_optional_text(path: &Path) -> Option<String> {
@@ -102,19 +106,8 @@ impl Attr {
         let n = file
             .read_at(&mut buf, 0)
             .map_err(|e| io_error(&self.path, e))?;
-        let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-        if text.is_empty() {
-            return Err(SensorError::Empty {
-                path: self.path.clone(),
-            });
-        }
-        match text.parse::<f64>() {
-            Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(SensorError::Garbage {
-                path: self.path.clone(),
-                text,
-            }),
-        }
+        let text = non_empty(&self.path, &String::from_utf8_lossy(&buf[..n]))?;
+        parse_finite(&self.path, text)
     }
 }
 

@@ -101,7 +101,7 @@ pub fn encode<T: Serialize>(value: &T, encoding: Encoding) -> Vec<u8> {
     }
 }
 
-/// Decodes a payload; CBOR when it is not JSON text (dashboards and tests read both).
+/// Decodes a payload written in `encoding`.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], encoding: Encoding) -> Result<T, String> {
     match encoding {
         Encoding::Cbor => ciborium::from_reader(bytes)
