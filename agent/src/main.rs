@@ -21,6 +21,8 @@ fn main() -> ExitCode {
             cli::bench::run(args).map_err(anyhow::Error::from)
         }
         Command::Sensors(args) => cli::sensors::run(args).map_err(anyhow::Error::from),
+        Command::Watch(args) => cli::watch::run(args).map_err(anyhow::Error::from),
+        Command::Run(args) => return run_daemon(&args.config),
         Command::CheckConfig(args) => {
             return match plaster_agent::config::load(&args.config, std::env::vars()) {
                 Ok(config) => {
@@ -45,6 +47,60 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// `run`: a bad configuration exits 64 before anything touches the network; SIGTERM and SIGINT
+/// start a drain bounded by the grace period.
+fn run_daemon(config_path: &std::path::Path) -> ExitCode {
+    let config = match plaster_agent::config::load(config_path, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    // Inference runs on its own threads; the runtime only moves messages and timers.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("plaster-async")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(plaster_agent::app::run(config, shutdown_signal()));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot listen for SIGTERM/SIGINT ({e}); stop with SIGKILL");
+            std::future::pending::<()>().await
         }
     }
 }

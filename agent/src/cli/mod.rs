@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod scorecard;
 pub mod sensors;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,12 +39,16 @@ pub enum Command {
     Bench(BenchArgs),
     /// List the energy, battery and thermal sources of this machine with a live reading
     Sensors(sensors::SensorsArgs),
+    /// Run the daemon: serve the model, measure PLASTER, publish telemetry over MQTT
+    Run(ConfigArgs),
     /// Validate a daemon configuration and print every problem at once
-    CheckConfig(CheckConfigArgs),
+    CheckConfig(ConfigArgs),
+    /// A live table of a fleet's PLASTER telemetry, read from the broker
+    Watch(watch::WatchArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct CheckConfigArgs {
+pub struct ConfigArgs {
     /// The configuration file; drop-ins are read from PATH.d/*.toml, then PLASTER_* variables
     #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,

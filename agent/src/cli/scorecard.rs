@@ -65,14 +65,17 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
         ));
     }
     let l = &r.latency_ms;
-    let latency = format!(
-        "p50 {} · p90 {} · p99 {} · max {} ms ({} queries)",
-        sig(l.p50),
-        sig(l.p90),
-        sig(l.p99),
-        sig(l.max),
-        l.count
-    );
+    let latency = match (l.p50, l.p90, l.p99, l.max) {
+        (Some(p50), Some(p90), Some(p99), Some(max)) => format!(
+            "p50 {} · p90 {} · p99 {} · max {} ms ({} queries)",
+            sig(p50),
+            sig(p90),
+            sig(p99),
+            sig(max),
+            l.count
+        ),
+        _ => "not measured: no queries ran".to_string(),
+    };
     let accuracy = match &r.accuracy {
         None => "not measured: no dataset (--dataset NPZ)".to_string(),
         Some(a) => {
@@ -160,7 +163,7 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
 }
 
 /// Four significant digits, without scientific notation for everyday magnitudes.
-fn sig(v: f64) -> String {
+pub(crate) fn sig(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
         return format!("{v}");
     }

@@ -53,6 +53,13 @@ pub trait EnergyMeter: Send {
     fn start_window(&mut self);
     /// The measured window ends now, after `inferences` inferences.
     fn finish_window(&mut self, inferences: u64) -> EnergyReport;
+    /// The window ends now and the next one starts at the same instant (the daemon's
+    /// back-to-back telemetry windows).
+    fn continue_window(&mut self, inferences: u64) -> EnergyReport {
+        let report = self.finish_window(inferences);
+        self.start_window();
+        report
+    }
 }
 
 /// The meter of a machine where no energy source could be used: it reports why.

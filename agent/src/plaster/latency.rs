@@ -48,20 +48,19 @@ impl LatencyRecorder {
         Duration::from_nanos(self.histogram.value_at_quantile(q))
     }
 
+    /// The figures of the recorded queries; every figure is `None` when none were recorded
+    /// (a daemon window without inference), never a made-up zero.
     pub fn summary(&self) -> LatencySummary {
         let count = self.count();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let measured = |value: f64| (count > 0).then_some(value);
         LatencySummary {
             count,
-            mean: if count == 0 {
-                0.0
-            } else {
-                ms(self.sum) / count as f64
-            },
-            p50: ms(self.quantile(0.50)),
-            p90: ms(self.quantile(0.90)),
-            p99: ms(self.quantile(0.99)),
-            max: ms(self.max),
+            mean: measured(ms(self.sum) / count.max(1) as f64),
+            p50: measured(ms(self.quantile(0.50))),
+            p90: measured(ms(self.quantile(0.90))),
+            p99: measured(ms(self.quantile(0.99))),
+            max: measured(ms(self.max)),
         }
     }
 }
@@ -70,11 +69,11 @@ impl LatencyRecorder {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
+    pub mean: Option<f64>,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
 }
 
 #[cfg(test)]
@@ -89,20 +88,26 @@ mod tests {
         }
         let s = rec.summary();
         assert_eq!(s.count, 1000);
-        assert!((s.mean - 0.5005).abs() < 1e-9, "{}", s.mean);
-        assert!((s.p50 - 0.500).abs() < 0.001, "{}", s.p50);
-        assert!((s.p90 - 0.900).abs() < 0.001, "{}", s.p90);
-        assert!((s.p99 - 0.990).abs() < 0.001, "{}", s.p99);
-        assert_eq!(s.max, 1.0);
+        let close = |value: Option<f64>, want: f64, tolerance: f64| {
+            let value = value.expect("measured");
+            assert!((value - want).abs() < tolerance, "{value} vs {want}");
+        };
+        close(s.mean, 0.5005, 1e-9);
+        close(s.p50, 0.500, 0.001);
+        close(s.p90, 0.900, 0.001);
+        close(s.p99, 0.990, 0.001);
+        assert_eq!(s.max, Some(1.0));
     }
 
     #[test]
     fn empty_and_out_of_range() {
         let mut rec = LatencyRecorder::new();
-        assert_eq!(rec.summary().mean, 0.0);
+        let empty = rec.summary();
+        assert_eq!(empty.count, 0);
+        assert_eq!((empty.mean, empty.p50, empty.max), (None, None, None));
         rec.record(Duration::ZERO);
         rec.record(Duration::from_secs(7200));
         assert_eq!(rec.count(), 2);
-        assert_eq!(rec.summary().max, 7_200_000.0);
+        assert_eq!(rec.summary().max, Some(7_200_000.0));
     }
 }

@@ -265,6 +265,24 @@ impl EnergyMeter for SensorMeter {
 
     fn finish_window(&mut self, inferences: u64) -> EnergyReport {
         let end = self.boundary();
+        let Some(start) = self.start.take() else {
+            return EnergyReport::unavailable("the energy window was never started");
+        };
+        self.report(&start, &end, inferences)
+    }
+
+    /// Back-to-back windows share their boundary read, so no energy falls between them.
+    fn continue_window(&mut self, inferences: u64) -> EnergyReport {
+        let end = self.boundary();
+        match self.start.replace(end.clone()) {
+            Some(start) => self.report(&start, &end, inferences),
+            None => EnergyReport::unavailable("the energy window was never started"),
+        }
+    }
+}
+
+impl SensorMeter {
+    fn report(&self, start: &Snapshot, end: &Snapshot, inferences: u64) -> EnergyReport {
         let battery = self
             .battery
             .as_ref()
@@ -276,16 +294,8 @@ impl EnergyMeter for SensorMeter {
                     power_w: s.power.map(|w| w.0),
                 })
             });
-        let Some(start) = self.start.take() else {
-            return EnergyReport::unavailable("the energy window was never started");
-        };
-        let mut report = window_report(
-            &start,
-            &end,
-            inferences,
-            self.idle,
-            &self.sampler.source_name,
-        );
+        let mut report =
+            window_report(start, end, inferences, self.idle, &self.sampler.source_name);
         report.battery = battery;
         report.source = Some(format!(
             "{} ({})",

@@ -1,5 +1,6 @@
-//! Outgoing telemetry and events: the durable spool they pass through on the way to MQTT.
-//! (The daemon that fills it and the MQTT task that drains it are the next issue's work.)
+//! Outgoing telemetry and events: the payloads, the durable spool they pass through on the way
+//! to MQTT, and the persisted counters that number them.
 
+pub mod counter;
 pub mod record;
 pub mod spool;

@@ -178,11 +178,11 @@ mod tests {
             },
             latency_ms: LatencySummary {
                 count: 600,
-                mean: 0.5,
-                p50: 0.45,
-                p90: 0.75,
-                p99: 1.25,
-                max: 2.0,
+                mean: Some(0.5),
+                p50: Some(0.45),
+                p90: Some(0.75),
+                p99: Some(1.25),
+                max: Some(2.0),
             },
             accuracy: Some(Accuracy {
                 metric: "top1".into(),

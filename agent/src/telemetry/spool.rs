@@ -202,6 +202,12 @@ impl Spool {
         self.entries.iter().map(|e| e.id).collect()
     }
 
+    /// The oldest record after `cursor` (0 for the first), in publish order.
+    pub fn next_after(&self, cursor: u64) -> Option<u64> {
+        let pos = self.entries.partition_point(|e| e.id <= cursor);
+        self.entries.get(pos).map(|e| e.id)
+    }
+
     /// Reads a spooled record back.
     pub fn read(&self, id: u64) -> Result<Record, SpoolError> {
         let entry = self

@@ -1,0 +1,282 @@
+//! The daemon's model: loaded, checked, warmed up and measured once at start, then run by the
+//! built-in workload (and, with the local API, by applications). Inference runs on dedicated
+//! threads, never on the async runtime.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use tract_onnx::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::dataset::{Dataset, DatasetError};
+use crate::inference::{
+    predicted_labels, select_runtime, InferenceError, ModelSource, OnnxModel, PreparedModel,
+};
+use crate::plaster::accuracy;
+use crate::plaster::latency::LatencyRecorder;
+use crate::plaster::report::Accuracy;
+
+/// Warm-up at load: this many queries, or this long, whichever comes first.
+const WARMUP_QUERIES: u32 = 10;
+const WARMUP_MAX: Duration = Duration::from_secs(2);
+/// A failing model is logged on its first failure and then every this many.
+const FAILURE_LOG_EVERY: u64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+}
+
+/// A model ready to serve, with what was measured when it was loaded.
+pub struct Engine {
+    pub model: OnnxModel,
+    pub prepared: PreparedModel,
+    pub dataset: Option<Arc<Dataset>>,
+    pub dataset_path: Option<PathBuf>,
+    /// Top-1 on the bundle's dataset, measured at load (the workload's replay refines it live).
+    pub accuracy_at_load: Option<Accuracy>,
+    pub threads: usize,
+    pub loaded_at: SystemTime,
+}
+
+impl Engine {
+    /// Loads the model of `config`, checks its dataset fits, warms it up and measures its
+    /// accuracy: everything that can fail does so here, before the agent reports ready.
+    pub fn load(config: &ModelConfig) -> Result<Engine, EngineError> {
+        let source = ModelSource::resolve(&config.path)?;
+        let dataset_path = source.bundle_dataset();
+        let model = OnnxModel::load(source)?;
+        let dataset = dataset_path.as_deref().map(Dataset::load).transpose()?;
+        let choice = select_runtime(config.device)?;
+        let batch = model.natural_batch();
+        let prepared =
+            PreparedModel::prepare(&model, batch, &choice, config.precision, config.threads)?;
+        if let Some(dataset) = &dataset {
+            let inputs: Vec<(String, Vec<usize>)> = model
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(ix, spec)| (spec.name.clone(), prepared.input_shape(ix)))
+                .collect();
+            dataset.check_fits(&inputs)?;
+        }
+        let mut session = prepared.session()?;
+        let warm_inputs = prepared.synthetic_inputs(0)?;
+        let start = Instant::now();
+        for _ in 0..WARMUP_QUERIES {
+            session.run(warm_inputs.clone())?;
+            if start.elapsed() >= WARMUP_MAX {
+                break;
+            }
+        }
+        let accuracy_at_load = match &dataset {
+            Some(dataset) => {
+                let top1 = accuracy::top1(&prepared, dataset, &mut |_| {})?;
+                Some(Accuracy {
+                    metric: "top1".to_string(),
+                    value: top1.value(),
+                    samples: top1.samples,
+                    precision: prepared.precision().as_str().to_string(),
+                    delta_vs_f32: None,
+                })
+            }
+            None => None,
+        };
+        Ok(Engine {
+            model,
+            prepared,
+            dataset: dataset.map(Arc::new),
+            dataset_path,
+            accuracy_at_load,
+            threads: config.threads,
+            loaded_at: SystemTime::now(),
+        })
+    }
+}
+
+/// What ran in the current telemetry window, filled by every path that runs inference.
+#[derive(Default)]
+pub struct Window {
+    pub latency: LatencyRecorder,
+    pub inferences: u64,
+    /// Dataset samples replayed and how many the model got right: live accuracy.
+    pub labelled: u64,
+    pub correct: u64,
+    pub failures: u64,
+}
+
+pub type SharedWindow = Arc<Mutex<Window>>;
+
+pub fn lock_window(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
+    window
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The built-in workload: replays the bundle's dataset (or seeded synthetic inputs when the
+/// model has none) at a fixed rate on its own thread, so a device with no application
+/// traffic still reports real latency, accuracy and energy. A fleet benchmarks itself this way.
+pub struct Workload {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Workload {
+    pub fn start(
+        engine: &Engine,
+        rate_per_s: f64,
+        window: SharedWindow,
+    ) -> Result<Workload, InferenceError> {
+        let prepared = engine.prepared.clone();
+        let batch = prepared.batch();
+        let mut queries = Queries::new(&prepared, engine.dataset.clone())?;
+        let mut session = prepared.session()?;
+        let period = Duration::from_secs_f64(batch as f64 / rate_per_s);
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("workload".into())
+            .spawn(move || {
+                let mut next = Instant::now();
+                let mut failures = 0u64;
+                loop {
+                    let now = Instant::now();
+                    if next > now {
+                        match stopped.recv_timeout(next - now) {
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    } else if !matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Empty)) {
+                        return;
+                    }
+                    // A slow query delays the schedule instead of causing a burst after it.
+                    next = next.max(Instant::now()) + period;
+                    let query = queries.next();
+                    let start = Instant::now();
+                    let result = query.and_then(|query| {
+                        let labels = query.labels;
+                        session.run(query.inputs).map(|outputs| (outputs, labels))
+                    });
+                    let elapsed = start.elapsed();
+                    let mut window = lock_window(&window);
+                    match result.and_then(|(outputs, labels)| match labels {
+                        Some(labels) => predicted_labels(&outputs, labels.len())
+                            .map(|predicted| (predicted, Some(labels))),
+                        None => Ok((Vec::new(), None)),
+                    }) {
+                        Ok((predicted, labels)) => {
+                            window.latency.record(elapsed);
+                            window.inferences += batch as u64;
+                            if let Some(labels) = labels {
+                                window.labelled += labels.len() as u64;
+                                window.correct += predicted
+                                    .iter()
+                                    .zip(&labels)
+                                    .filter(|(p, y)| p == y)
+                                    .count()
+                                    as u64;
+                            }
+                        }
+                        Err(e) => {
+                            window.failures += 1;
+                            failures += 1;
+                            if failures % FAILURE_LOG_EVERY == 1 {
+                                tracing::error!(
+                                    "workload inference failed ({failures} so far): {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawning the workload thread");
+        Ok(Workload { stop, thread })
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    /// Stops after the query in progress; blocks until the thread has ended.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+struct Query {
+    inputs: TVec<TValue>,
+    /// The dataset labels of the batch's real samples (a last partial batch is padded).
+    labels: Option<Vec<i64>>,
+}
+
+/// The workload's inputs: consecutive dataset batches, cycling, built one at a time (a large
+/// dataset is not copied into tensors up front), or a small pool of synthetic inputs.
+enum Queries {
+    Dataset {
+        prepared: PreparedModel,
+        dataset: Arc<Dataset>,
+        next: usize,
+    },
+    Synthetic {
+        pool: Vec<TVec<TValue>>,
+        next: usize,
+    },
+}
+
+impl Queries {
+    fn new(
+        prepared: &PreparedModel,
+        dataset: Option<Arc<Dataset>>,
+    ) -> Result<Queries, InferenceError> {
+        Ok(match dataset {
+            Some(dataset) if !dataset.is_empty() => Queries::Dataset {
+                prepared: prepared.clone(),
+                dataset,
+                next: 0,
+            },
+            _ => Queries::Synthetic {
+                pool: (0..8)
+                    .map(|seed| prepared.synthetic_inputs(seed))
+                    .collect::<Result<_, _>>()?,
+                next: 0,
+            },
+        })
+    }
+
+    fn next(&mut self) -> Result<Query, InferenceError> {
+        match self {
+            Queries::Dataset {
+                prepared,
+                dataset,
+                next,
+            } => {
+                let batch = prepared.batch();
+                let start = *next;
+                let taken = batch.min(dataset.len() - start);
+                *next = if start + taken >= dataset.len() {
+                    0
+                } else {
+                    start + taken
+                };
+                let x = dataset.batch(start, batch).map_err(InferenceError::run)?;
+                Ok(Query {
+                    inputs: tvec![prepared.conform_input(0, x)?],
+                    labels: Some(dataset.y[start..start + taken].to_vec()),
+                })
+            }
+            Queries::Synthetic { pool, next } => {
+                *next = (*next + 1) % pool.len();
+                Ok(Query {
+                    inputs: pool[*next].clone(),
+                    labels: None,
+                })
+            }
+        }
+    }
+}

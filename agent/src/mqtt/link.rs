@@ -1,0 +1,507 @@
+//! The daemon's MQTT connection: the one task that owns rumqttc's event loop.
+//!
+//! It publishes what the spool holds, in order, at QoS 1 and removes a record only when the
+//! broker's PUBACK for it arrives; it publishes the retained birth status and model state on
+//! every connection (and on `rebirth`), with a Last Will that marks the device offline; it
+//! reconnects with exponential backoff and jitter; on shutdown it flushes the spool for a
+//! bounded time, publishes a clean offline status and disconnects.
+//!
+//! Delivery is at-least-once: after a reconnect, records whose PUBACK was lost are sent again
+//! from the spool (the spool, not the client library's in-memory queue, is the source of
+//! truth, so a record survives a crash of the agent as well as an outage of the broker).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
+use serde::Deserialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::topics::Topics;
+use crate::config::Encoding;
+use crate::telemetry::counter::PersistentCounter;
+use crate::telemetry::record::{self, rfc3339, Birth, Death, ModelRef, ModelState};
+use crate::telemetry::spool::Spool;
+
+/// Records published but not yet acknowledged, at most: bounds memory and the request channel.
+const MAX_IN_FLIGHT: usize = 16;
+/// PROTOCOL.md: reconnect with exponential backoff from 1 s to 60 s, plus jitter.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// ±20 % so a fleet that lost its broker does not reconnect in lockstep.
+const BACKOFF_JITTER: f64 = 0.2;
+/// Commands are small maps; anything larger on a command topic is refused unread.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// What the retained status and model state say about this device; the daemon updates it
+/// when the active model changes, and the link republishes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Presence {
+    pub model: ModelRef,
+    pub state: ModelState,
+    pub capabilities: Vec<String>,
+}
+
+/// Everything the link needs besides the event loop.
+pub struct LinkParts {
+    pub client: AsyncClient,
+    pub eventloop: EventLoop,
+    pub topics: Topics,
+    pub encoding: Encoding,
+    pub boot_id: String,
+    pub session_seq: PersistentCounter,
+    pub spool: Arc<Mutex<Spool>>,
+    /// Notified whenever a record enters the spool.
+    pub spooled: Arc<Notify>,
+    pub presence: watch::Receiver<Presence>,
+    /// How long the shutdown may spend flushing the spool before the offline status.
+    pub drain_timeout: Duration,
+    pub broker: String,
+}
+
+/// A publish handed to the client, waiting for the event loop to give it a packet id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Spooled(u64),
+    Retained,
+    Offline,
+}
+
+/// A command received on `P/cmd` or the fleet's `cmd` topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Rebirth,
+}
+
+pub struct Link {
+    parts: LinkParts,
+    connected: bool,
+    session_seq: u64,
+    /// The last spool id handed to the client in this connection.
+    cursor: u64,
+    awaiting_pkid: VecDeque<Sent>,
+    in_flight: HashMap<u16, u64>,
+    offline_pkid: Option<u16>,
+    backoff: Duration,
+    failures: u32,
+}
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl Link {
+    pub fn new(parts: LinkParts) -> Link {
+        let session_seq = parts.session_seq.get();
+        Link {
+            parts,
+            connected: false,
+            session_seq,
+            cursor: 0,
+            awaiting_pkid: VecDeque::new(),
+            in_flight: HashMap::new(),
+            offline_pkid: None,
+            backoff: BACKOFF_MIN,
+            failures: 0,
+        }
+    }
+
+    /// Runs until `cancel`, then drains (bounded) and goes offline cleanly.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        self.arm_last_will();
+        loop {
+            let spooled = self.parts.spooled.clone();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = spooled.notified(), if self.connected => self.refill(),
+                changed = self.parts.presence.changed(), if self.connected => {
+                    if changed.is_ok() {
+                        self.publish_retained_state();
+                    }
+                }
+                event = self.parts.eventloop.poll() => {
+                    if let Step::Stop = self.on_event(event, &cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
+        self.drain().await;
+    }
+
+    async fn on_event(
+        &mut self,
+        event: Result<Event, rumqttc::ConnectionError>,
+        cancel: &CancellationToken,
+    ) -> Step {
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_packet_id(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => self.on_ack(ack.pkid),
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                self.on_message(&publish.topic, &publish.payload)
+            }
+            Ok(_) => {}
+            Err(error) => return self.on_connection_error(error, cancel).await,
+        }
+        Step::Continue
+    }
+
+    fn on_connected(&mut self) {
+        self.session_seq += 1;
+        if let Err(e) = self.parts.session_seq.set(self.session_seq) {
+            tracing::warn!("{e}");
+        }
+        if self.failures > 0 {
+            tracing::info!(
+                "mqtt {}: connected again after {} failed attempts (session {})",
+                self.parts.broker,
+                self.failures,
+                self.session_seq
+            );
+        } else {
+            tracing::info!(
+                "mqtt {}: connected (session {})",
+                self.parts.broker,
+                self.session_seq
+            );
+        }
+        self.connected = true;
+        self.failures = 0;
+        self.backoff = BACKOFF_MIN;
+        for topic in self.parts.topics.cmd() {
+            if let Err(e) = self.parts.client.try_subscribe(topic, QoS::AtLeastOnce) {
+                tracing::warn!("mqtt: subscribing: {e}");
+            }
+        }
+        self.publish_birth();
+        self.publish_retained_state();
+        self.refill();
+    }
+
+    fn on_packet_id(&mut self, pkid: u16) {
+        match self.awaiting_pkid.pop_front() {
+            Some(Sent::Spooled(id)) => {
+                self.in_flight.insert(pkid, id);
+            }
+            Some(Sent::Offline) => self.offline_pkid = Some(pkid),
+            Some(Sent::Retained) | None => {}
+        }
+    }
+
+    fn on_ack(&mut self, pkid: u16) {
+        if let Some(id) = self.in_flight.remove(&pkid) {
+            lock(&self.parts.spool).remove(id);
+        }
+        self.refill();
+    }
+
+    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if !self.parts.topics.cmd().iter().any(|t| t == topic) {
+            tracing::warn!("mqtt: message on unexpected topic {topic} ignored");
+            return;
+        }
+        match parse_command(payload) {
+            Ok(Command::Rebirth) => {
+                tracing::info!("cmd on {topic}: rebirth");
+                self.publish_birth();
+                self.publish_retained_state();
+            }
+            Err(reason) => tracing::warn!("cmd on {topic}: {reason}; ignored"),
+        }
+    }
+
+    async fn on_connection_error(
+        &mut self,
+        error: rumqttc::ConnectionError,
+        cancel: &CancellationToken,
+    ) -> Step {
+        let was_connected = self.connected;
+        self.connected = false;
+        // The spool is the source of truth: forget what the client library would replay and
+        // send every unacknowledged record again, in order, from the spool.
+        self.parts.eventloop.pending.clear();
+        self.awaiting_pkid.clear();
+        self.in_flight.clear();
+        self.offline_pkid = None;
+        self.cursor = 0;
+        self.failures += 1;
+        let delay = jittered(self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        if was_connected {
+            tracing::warn!(
+                "mqtt {}: connection lost: {error}; reconnecting in {:.1} s",
+                self.parts.broker,
+                delay.as_secs_f64()
+            );
+        } else {
+            tracing::warn!(
+                "mqtt {}: cannot connect: {error}; retrying in {:.1} s (attempt {})",
+                self.parts.broker,
+                delay.as_secs_f64(),
+                self.failures
+            );
+        }
+        self.arm_last_will();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Step::Continue,
+            _ = cancel.cancelled() => {
+                tracing::info!("mqtt: shutting down while disconnected; the spool keeps {} records", lock(&self.parts.spool).len());
+                Step::Stop
+            }
+        }
+    }
+
+    /// The will of the next connection: offline, with that connection's session number.
+    fn arm_last_will(&mut self) {
+        let death = Death {
+            online: false,
+            boot_id: self.parts.boot_id.clone(),
+            session_seq: self.session_seq + 1,
+        };
+        let payload = record::encode(&death, self.parts.encoding);
+        self.parts
+            .eventloop
+            .mqtt_options
+            .set_last_will(LastWill::new(
+                self.parts.topics.status(),
+                payload,
+                QoS::AtLeastOnce,
+                true,
+            ));
+    }
+
+    fn publish_birth(&mut self) {
+        let presence = self.parts.presence.borrow().clone();
+        let birth = Birth {
+            online: true,
+            agent_version: crate::AGENT_VERSION.to_string(),
+            boot_id: self.parts.boot_id.clone(),
+            session_seq: self.session_seq,
+            model: presence.model,
+            capabilities: presence.capabilities,
+            ts: rfc3339(SystemTime::now()),
+        };
+        let payload = record::encode(&birth, self.parts.encoding);
+        self.publish(self.parts.topics.status(), payload, true, Sent::Retained);
+    }
+
+    fn publish_retained_state(&mut self) {
+        let state = self.parts.presence.borrow_and_update().state.clone();
+        let payload = record::encode(&state, self.parts.encoding);
+        self.publish(
+            self.parts.topics.model_state(),
+            payload,
+            true,
+            Sent::Retained,
+        );
+    }
+
+    fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, sent: Sent) -> bool {
+        match self
+            .parts
+            .client
+            .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+        {
+            Ok(()) => {
+                self.awaiting_pkid.push_back(sent);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("mqtt: publishing to {topic}: {e}");
+                false
+            }
+        }
+    }
+
+    /// Hands spooled records to the client, oldest first, up to the in-flight bound.
+    fn refill(&mut self) {
+        while self.connected && self.awaiting_pkid.len() + self.in_flight.len() < MAX_IN_FLIGHT {
+            let record = {
+                let mut spool = lock(&self.parts.spool);
+                let Some(id) = spool.next_after(self.cursor) else {
+                    return;
+                };
+                match spool.read(id) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        // A record that cannot be read can never be published: drop it, loudly.
+                        tracing::error!("{e}; dropping spool record {id}");
+                        spool.remove(id);
+                        continue;
+                    }
+                }
+            };
+            if !self.publish(
+                record.topic,
+                record.payload,
+                false,
+                Sent::Spooled(record.id),
+            ) {
+                return;
+            }
+            self.cursor = record.id;
+        }
+    }
+
+    fn nothing_left(&self) -> bool {
+        self.awaiting_pkid.is_empty()
+            && self.in_flight.is_empty()
+            && lock(&self.parts.spool).next_after(self.cursor).is_none()
+    }
+
+    /// Shutdown: flush the spool for at most `drain_timeout`, publish the retained offline
+    /// status and wait for its PUBACK, then disconnect. Records left are sent after restart.
+    async fn drain(mut self) {
+        if !self.connected {
+            return;
+        }
+        let deadline = Instant::now() + self.parts.drain_timeout;
+        let mut offline_sent = false;
+        loop {
+            if !offline_sent && (self.nothing_left() || Instant::now() >= deadline) {
+                let death = Death {
+                    online: false,
+                    boot_id: self.parts.boot_id.clone(),
+                    session_seq: self.session_seq,
+                };
+                let payload = record::encode(&death, self.parts.encoding);
+                offline_sent =
+                    self.publish(self.parts.topics.status(), payload, true, Sent::Offline);
+                if !offline_sent {
+                    break;
+                }
+            }
+            let event = tokio::select! {
+                event = self.parts.eventloop.poll() => event,
+                _ = tokio::time::sleep_until(deadline), if !offline_sent => continue,
+                _ = tokio::time::sleep_until(deadline + BACKOFF_MIN), if offline_sent => break,
+            };
+            match event {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_packet_id(pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if self.offline_pkid == Some(ack.pkid) {
+                        tracing::info!("mqtt: offline status delivered");
+                        break;
+                    }
+                    if let Some(id) = self.in_flight.remove(&ack.pkid) {
+                        lock(&self.parts.spool).remove(id);
+                    }
+                    if !offline_sent {
+                        self.refill();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("mqtt: connection lost while shutting down: {e}");
+                    return;
+                }
+            }
+        }
+        if self.parts.client.try_disconnect().is_ok() {
+            // Let the event loop write the DISCONNECT packet, so the broker discards the will.
+            let flush = async {
+                loop {
+                    match self.parts.eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(BACKOFF_MIN, flush).await;
+        }
+    }
+}
+
+/// Commands are CBOR maps, or JSON objects for hand-typed `mosquitto_pub` use.
+pub fn parse_command(payload: &[u8]) -> Result<Command, String> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "message of {} bytes exceeds the {MAX_COMMAND_BYTES}-byte command limit",
+            payload.len()
+        ));
+    }
+    let envelope: Envelope = if payload.first() == Some(&b'{') {
+        serde_json::from_slice(payload)
+            .map_err(|e| format!("not a JSON command object with a \"type\": {e}"))?
+    } else {
+        ciborium::from_reader(payload)
+            .map_err(|e| format!("not a CBOR command map with a \"type\": {e}"))?
+    };
+    match envelope.kind.as_str() {
+        "rebirth" => Ok(Command::Rebirth),
+        other => Err(format!(
+            "unknown command type {other:?} (this agent knows: \"rebirth\")"
+        )),
+    }
+}
+
+fn jittered(delay: Duration) -> Duration {
+    let factor = rand::thread_rng().gen_range(1.0 - BACKOFF_JITTER..=1.0 + BACKOFF_JITTER);
+    delay.mul_f64(factor)
+}
+
+fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    spool
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(payload: &[u8], expected: Result<Command, &str>) {
+        assert_eq!(parse_command(payload), expected.map_err(str::to_string));
+    }
+
+    #[test]
+    fn commands_in_cbor_and_json() {
+        let mut cbor = Vec::new();
+        ciborium::into_writer(
+            &std::collections::BTreeMap::from([("type", "rebirth")]),
+            &mut cbor,
+        )
+        .unwrap();
+        check(&cbor, Ok(Command::Rebirth));
+        check(br#"{"type": "rebirth"}"#, Ok(Command::Rebirth));
+        check(
+            br#"{"type": "reboot"}"#,
+            Err("unknown command type \"reboot\" (this agent knows: \"rebirth\")"),
+        );
+        check(
+            br#"{"kind": "rebirth"}"#,
+            Err("not a JSON command object with a \"type\": missing field `type` at line 1 column 19"),
+        );
+        check(
+            b"\xff\xfe",
+            Err("not a CBOR command map with a \"type\": Semantic(None, \"invalid type: break, expected struct Envelope\")"),
+        );
+        check(
+            &vec![b' '; MAX_COMMAND_BYTES + 1],
+            Err("message of 65537 bytes exceeds the 65536-byte command limit"),
+        );
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_bounds() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
+        }
+    }
+}
