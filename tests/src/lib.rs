@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: where the repository's models are, a way to
 //! run the real `plaster-agent` binary and capture what it prints, and sysfs fixture trees.
 
+pub mod broker;
+pub mod daemon;
+pub mod mqtt;
 pub mod sysfs;
 
 use std::path::{Path, PathBuf};

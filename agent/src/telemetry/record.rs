@@ -105,9 +105,24 @@ pub fn encode<T: Serialize>(value: &T, encoding: Encoding) -> Vec<u8> {
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], encoding: Encoding) -> Result<T, String> {
     match encoding {
         Encoding::Cbor => ciborium::from_reader(bytes)
-            .map_err(|e| format!("not a CBOR payload of this type: {e}")),
+            .map_err(|e| format!("not a CBOR payload of this type: {}", cbor_error(e))),
         Encoding::Json => serde_json::from_slice(bytes)
             .map_err(|e| format!("not a JSON payload of this type: {e}")),
+    }
+}
+
+/// A CBOR decoding error in words (ciborium's `Display` is its `Debug`).
+pub fn cbor_error(error: ciborium::de::Error<std::io::Error>) -> String {
+    use ciborium::de::Error;
+    match error {
+        Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the payload ends early".to_string()
+        }
+        Error::Io(e) => e.to_string(),
+        Error::Syntax(offset) => format!("invalid CBOR at byte {offset}"),
+        Error::Semantic(Some(offset), message) => format!("{message} (at byte {offset})"),
+        Error::Semantic(None, message) => message,
+        Error::RecursionLimitExceeded => "nested too deeply".to_string(),
     }
 }
 

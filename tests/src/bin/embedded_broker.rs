@@ -1,0 +1,34 @@
+//! A real MQTT 3.1.1 broker (rumqttd) for machines without mosquitto, so `cargo test` passes
+//! with Rust alone. `embedded-broker PORT` listens on 127.0.0.1:PORT until killed.
+
+fn main() {
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("usage: embedded-broker PORT");
+    let config = format!(
+        r#"
+id = 0
+[router]
+max_connections = 1000
+max_outgoing_packet_count = 1000
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 4194304
+max_inflight_count = 200
+dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config = toml::from_str(&config).expect("embedded broker config");
+    eprintln!("embedded broker starting on 127.0.0.1:{port}");
+    rumqttd::Broker::new(config)
+        .start()
+        .expect("embedded broker stopped");
+}

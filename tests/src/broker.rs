@@ -1,0 +1,247 @@
+//! A real MQTT broker per test on a free loopback port: mosquitto when it is installed (CI
+//! installs it), else the embedded rumqttd broker built from this crate, so `cargo test`
+//! passes on a machine with only Rust. `PLASTER_TEST_BROKER=embedded|mosquitto` forces one.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a broker may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mosquitto,
+    Embedded,
+}
+
+/// Server side of TLS: files in PEM, and whether clients must present a certificate.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub require_client_certificate: bool,
+}
+
+pub struct Broker {
+    pub kind: Kind,
+    pub port: u16,
+    /// The TLS listener's port, when one was asked for.
+    pub tls_port: Option<u16>,
+    tls: Option<TlsListener>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn mosquitto_path() -> Option<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")]);
+    candidates
+        .map(|dir| dir.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+impl Kind {
+    pub fn detect() -> Kind {
+        match std::env::var("PLASTER_TEST_BROKER").as_deref() {
+            Ok("embedded") => Kind::Embedded,
+            Ok("mosquitto") => Kind::Mosquitto,
+            _ if mosquitto_path().is_some() => Kind::Mosquitto,
+            _ => Kind::Embedded,
+        }
+    }
+}
+
+impl Broker {
+    /// A plain broker on a free port.
+    pub fn start() -> Broker {
+        Broker::start_with(None)
+    }
+
+    /// A broker with a plain listener (for test clients) and, with `tls`, a TLS listener.
+    /// TLS needs mosquitto.
+    pub fn start_with(tls: Option<TlsListener>) -> Broker {
+        let kind = if tls.is_some() {
+            Kind::Mosquitto
+        } else {
+            Kind::detect()
+        };
+        let (_tx, log) = mpsc::channel();
+        let mut broker = Broker {
+            kind,
+            port: free_port(),
+            tls_port: tls.as_ref().map(|_| free_port()),
+            tls,
+            dir: tempfile::tempdir().expect("broker dir"),
+            child: None,
+            log,
+        };
+        broker.spawn();
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        let mut child = match self.kind {
+            Kind::Mosquitto => {
+                let conf = self.write_mosquitto_conf();
+                Command::new(mosquitto_path().expect("mosquitto installed"))
+                    .arg("-c")
+                    .arg(conf)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn mosquitto")
+            }
+            Kind::Embedded => Command::new(embedded_broker_bin())
+                .arg(self.port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn embedded-broker"),
+        };
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.child = Some(child);
+        self.log = rx;
+        let deadline = Instant::now() + START_TIMEOUT;
+        match self.kind {
+            // mosquitto says when its listeners are open.
+            Kind::Mosquitto => loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.log.recv_timeout(left) {
+                    Ok(line) if line.contains(" running") => break,
+                    Ok(_) => {}
+                    Err(_) => panic!("mosquitto did not start on port {}", self.port),
+                }
+            },
+            // rumqttd does not: probe its port until it accepts.
+            Kind::Embedded => {
+                while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "embedded broker did not start on port {}",
+                        self.port
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn write_mosquitto_conf(&self) -> PathBuf {
+        let dir = self.dir.path();
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous true\nlog_dest stderr\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+             persistence true\npersistence_location {}/\n\
+             listener {} 127.0.0.1\n",
+            dir.display(),
+            self.port
+        );
+        if let (Some(tls), Some(port)) = (&self.tls, self.tls_port) {
+            conf.push_str(&format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+                tls.require_client_certificate
+            ));
+        }
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, conf).expect("write mosquitto.conf");
+        path
+    }
+
+    /// Stops the broker the way an operator or a crash would: SIGTERM for mosquitto (which
+    /// saves its sessions, as a restarted production broker has them), SIGKILL for rumqttd.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let signal = match self.kind {
+                Kind::Mosquitto => "-TERM",
+                Kind::Embedded => "-KILL",
+            };
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port(s), with its saved sessions.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The broker's log lines so far (mosquitto logs connections and refusals).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `embedded-broker`, built next to the test executables.
+fn embedded_broker_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let bin = dir.join("embedded-broker");
+    if !bin.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "plaster-agent-tests",
+                "--bin",
+                "embedded-broker",
+            ])
+            .current_dir(crate::repo_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building embedded-broker failed");
+    }
+    bin
+}
