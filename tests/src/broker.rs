@@ -1,6 +1,6 @@
 //! A real MQTT broker per test on a free loopback port: mosquitto when it is installed (CI
 //! installs it), else the embedded rumqttd broker built from this crate, so `cargo test`
-//! passes on a machine with only Rust. `PLASTER_TEST_BROKER=embedded|mosquitto` forces one.
+//! passes on a machine with only Rust. `MQTT_TEST_BROKER=embedded|mosquitto` forces one.
 
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -59,7 +59,7 @@ fn mosquitto_path() -> Option<PathBuf> {
 
 impl Kind {
     pub fn detect() -> Kind {
-        match std::env::var("PLASTER_TEST_BROKER").as_deref() {
+        match std::env::var("MQTT_TEST_BROKER").as_deref() {
             Ok("embedded") => Kind::Embedded,
             Ok("mosquitto") => Kind::Mosquitto,
             _ if mosquitto_path().is_some() => Kind::Mosquitto,
@@ -74,9 +74,18 @@ impl Broker {
         Broker::start_with(None)
     }
 
+    /// A plain broker on `port` (one an agent was already told about).
+    pub fn start_on(port: u16) -> Broker {
+        Broker::start_at(port, None)
+    }
+
     /// A broker with a plain listener (for test clients) and, with `tls`, a TLS listener.
     /// TLS needs mosquitto.
     pub fn start_with(tls: Option<TlsListener>) -> Broker {
+        Broker::start_at(free_port(), tls)
+    }
+
+    fn start_at(port: u16, tls: Option<TlsListener>) -> Broker {
         let kind = if tls.is_some() {
             Kind::Mosquitto
         } else {
@@ -85,7 +94,7 @@ impl Broker {
         let (_tx, log) = mpsc::channel();
         let mut broker = Broker {
             kind,
-            port: free_port(),
+            port,
             tls_port: tls.as_ref().map(|_| free_port()),
             tls,
             dir: tempfile::tempdir().expect("broker dir"),

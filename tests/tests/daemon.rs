@@ -439,3 +439,104 @@ fn mutual_tls_with_a_verified_broker_and_a_refused_client_certificate() {
     let line = agent.wait_for_log("cannot connect", WAIT);
     assert!(line.contains("UnknownIssuer"), "{line}");
 }
+
+#[test]
+fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let config = DaemonConfig::new(dir.path(), "notify-1", &broker.url()).write(dir.path());
+    let mut agent = Daemon::start_with_env(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            // A 400 ms watchdog: systemd would expect a ping every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no sd_notify message: {e}"));
+        String::from_utf8_lossy(&buf[..n]).trim().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    agent.signal("TERM");
+    let mut after_term = next();
+    while after_term == "WATCHDOG=1" {
+        after_term = next();
+    }
+    assert_eq!(after_term, "STOPPING=1");
+    assert_eq!(agent.wait(WAIT), Some(0));
+}
+
+/// A real filesystem that runs out of space: a small tmpfs mounted over a temporary directory
+/// (mounting needs root, as CI and the development machines run).
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(size: &str) -> TinyFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (this test fills a real disk)"
+        );
+        TinyFs { dir }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_drops_telemetry_with_a_count_and_the_agent_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = TinyFs::mount("256k");
+    let device = "full-1";
+    let port = free_port();
+    let mut config = DaemonConfig::new(dir.path(), device, &format!("mqtt://127.0.0.1:{port}"));
+    config.state_dir = state.dir.path().join("state");
+    config.telemetry_interval_s = 0.1;
+    // The spool's own bound is far above the disk: the disk fills first.
+    config.mqtt_extra = "spool_max_bytes = 1000000000".into();
+    let agent = Daemon::start(&config.write(dir.path()));
+    agent.wait_for_log(
+        "telemetry dropped: the spool is full",
+        Duration::from_secs(60),
+    );
+
+    // The broker comes back: the spool drains, and the records say how many were dropped.
+    let _broker = Broker::start_on(port);
+    let sub = Subscriber::connect(
+        port,
+        "full-dashboard",
+        true,
+        &["plaster/v1/lab/+/telemetry"],
+    );
+    let t = topic(device, "telemetry");
+    let message = sub.wait_for(
+        "telemetry counting dropped records",
+        Duration::from_secs(90),
+        |m| m.topic == t && m.value()["spool_dropped"].as_u64() > Some(0),
+    );
+    assert!(message.value()["latency_ms"]["count"].as_u64() > Some(0));
+}

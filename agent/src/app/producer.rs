@@ -55,6 +55,9 @@ pub struct Producer {
     meter: Box<dyn EnergyMeter>,
     sysfs_root: PathBuf,
     seq: PersistentCounter,
+    /// The next record's seq. Kept in memory too: on a full disk the counter file cannot be
+    /// rewritten, and the sequence must still advance (the dropped records are its gaps).
+    next_seq: u64,
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
     topic: String,
@@ -118,6 +121,7 @@ impl Producer {
             window_started: Instant::now(),
             meter: parts.meter,
             sysfs_root: parts.sysfs_root,
+            next_seq: parts.seq.get() + 1,
             seq: parts.seq,
             spool: parts.spool,
             spooled: parts.spooled,
@@ -150,7 +154,7 @@ impl Producer {
         }
         let report = self.report(&window, window_s, energy);
         let mut spool = lock(&self.spool);
-        let seq = self.seq.get() + 1;
+        let seq = self.next_seq;
         let telemetry = Telemetry {
             report,
             seq,
@@ -162,8 +166,11 @@ impl Producer {
         };
         let payload = record::encode(&telemetry, self.encoding);
         let pushed = spool.push(RecordKind::Telemetry, &self.topic, &payload)?;
-        // The counter advances even for a dropped record: its seq is the visible gap.
-        self.seq.set(seq)?;
+        // The sequence advances even for a dropped record: its seq is the visible gap.
+        self.next_seq += 1;
+        if let Err(e) = self.seq.set(seq) {
+            tracing::warn!("{e}; the sequence continues in memory");
+        }
         drop(spool);
         self.spooled.notify_one();
         Ok(match pushed {
