@@ -30,6 +30,8 @@ pub struct TlsListener {
 pub struct Broker {
     pub kind: Kind,
     pub port: u16,
+    /// Where MQTT 5 clients connect: mosquitto speaks both on one port, rumqttd needs two.
+    pub v5_port: u16,
     /// The TLS listener's port, when one was asked for.
     pub tls_port: Option<u16>,
     tls: Option<TlsListener>,
@@ -95,6 +97,10 @@ impl Broker {
         let mut broker = Broker {
             kind,
             port,
+            v5_port: match kind {
+                Kind::Mosquitto => port,
+                Kind::Embedded => free_port(),
+            },
             tls_port: tls.as_ref().map(|_| free_port()),
             tls,
             dir: tempfile::tempdir().expect("broker dir"),
@@ -107,6 +113,11 @@ impl Broker {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL an MQTT 5 client uses.
+    pub fn v5_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.v5_port)
     }
 
     fn spawn(&mut self) {
@@ -124,6 +135,7 @@ impl Broker {
             }
             Kind::Embedded => Command::new(embedded_broker_bin())
                 .arg(self.port.to_string())
+                .arg(self.v5_port.to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -152,7 +164,9 @@ impl Broker {
             },
             // rumqttd does not: probe its port until it accepts.
             Kind::Embedded => {
-                while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                while TcpStream::connect(("127.0.0.1", self.port)).is_err()
+                    || TcpStream::connect(("127.0.0.1", self.v5_port)).is_err()
+                {
                     assert!(
                         Instant::now() < deadline,
                         "embedded broker did not start on port {}",

@@ -540,3 +540,21 @@ fn a_full_disk_drops_telemetry_with_a_count_and_the_agent_keeps_serving() {
     );
     assert!(message.value()["latency_ms"]["count"].as_u64() > Some(0));
 }
+
+#[test]
+fn mqtt_5_when_configured_with_birth_will_and_telemetry() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let device = "v5-1";
+    let sub = Subscriber::connect(broker.port, "v5-dashboard", true, &["plaster/v1/lab/#"]);
+    let mut config = DaemonConfig::new(dir.path(), device, &broker.v5_url());
+    config.mqtt_extra = "protocol = \"5\"".into();
+    let mut agent = Daemon::start(&config.write(dir.path()));
+    let birth = status(&sub, device, true);
+    let first = telemetry(&sub, device)["seq"].as_u64().unwrap();
+    let seqs = collect_seqs(&sub, device, first + 2);
+    assert_contiguous(&seqs);
+    agent.kill();
+    let will = status(&sub, device, false);
+    assert_eq!(will["session_seq"], birth["session_seq"]);
+}

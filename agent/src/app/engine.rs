@@ -58,13 +58,7 @@ impl Engine {
         let prepared =
             PreparedModel::prepare(&model, batch, &choice, config.precision, config.threads)?;
         if let Some(dataset) = &dataset {
-            let inputs: Vec<(String, Vec<usize>)> = model
-                .inputs
-                .iter()
-                .enumerate()
-                .map(|(ix, spec)| (spec.name.clone(), prepared.input_shape(ix)))
-                .collect();
-            dataset.check_fits(&inputs)?;
+            dataset.check_fits(&prepared.named_input_shapes(&model))?;
         }
         let mut session = prepared.session()?;
         let warm_inputs = prepared.synthetic_inputs(0)?;

@@ -19,14 +19,15 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, MqttVersion};
+use crate::config::Config;
 use crate::inference::RuntimeKind;
 use crate::mqtt::link::{Link, LinkParts, Presence};
-use crate::mqtt::options::{Connection, MqttError, REQUEST_CHANNEL_CAPACITY};
+use crate::mqtt::options::{Connection, MqttError};
+use crate::mqtt::session::AnySession;
 use crate::mqtt::topics::Topics;
-use crate::plaster::energy::{EnergyMeter, NoEnergySource};
-use crate::sensors::sampler::SensorMeter;
-use crate::sensors::{discover, DiscoveryOptions, SourceKind};
+use crate::plaster::energy::EnergyMeter;
+use crate::sensors::sampler::best_meter;
+use crate::sensors::DiscoveryOptions;
 use crate::telemetry::counter::{CounterError, PersistentCounter};
 use crate::telemetry::record::{rfc3339, ActiveModel, ModelRef, ModelState};
 use crate::telemetry::spool::{Spool, SpoolError};
@@ -60,8 +61,6 @@ pub enum AppError {
     Producer(#[from] ProducerError),
     #[error("mqtt: {0}")]
     Mqtt(#[from] MqttError),
-    #[error("mqtt.protocol \"5\": MQTT 5 is not available in this build yet; use \"3.1.1\"")]
-    Mqtt5,
     #[error("the model loader stopped: {0}")]
     Join(String),
 }
@@ -69,9 +68,6 @@ pub enum AppError {
 /// Runs the daemon until `shutdown` resolves, then drains. Errors before the agent is ready
 /// (state directory, model) are returned; after that, problems are logged and survived.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    if config.mqtt.version == MqttVersion::V5 {
-        return Err(AppError::Mqtt5);
-    }
     let state_error = |e: std::io::Error| AppError::StateDir {
         path: config.state_dir.clone(),
         message: e.to_string(),
@@ -88,11 +84,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         cert_file: config.mqtt.cert_file.clone(),
         key_file: config.mqtt.key_file.clone(),
     };
-    let mqtt_options = connection.options(
+    let session = connection.session(
         &config.mqtt.url,
         &config.device_id,
         config.mqtt.keep_alive,
         false,
+        config.mqtt.version,
     )?;
 
     tracing::info!(
@@ -172,10 +169,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let tracker = TaskTracker::new();
     let link_cancel = CancellationToken::new();
-    let (client, eventloop) = rumqttc::AsyncClient::new(mqtt_options, REQUEST_CHANNEL_CAPACITY);
-    let link = Link::new(LinkParts {
-        client,
-        eventloop,
+    let link_parts = LinkParts {
+        session: (),
         topics: topics.clone(),
         encoding: config.mqtt.encoding,
         boot_id: boot_id(),
@@ -185,8 +180,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         presence: presence_rx,
         drain_timeout: DRAIN_FLUSH,
         broker: config.mqtt.url.to_string(),
-    });
-    tracker.spawn(link.run(link_cancel.clone()));
+    };
+    match session {
+        AnySession::V311(session) => {
+            tracker.spawn(Link::new(link_parts.with_session(*session)).run(link_cancel.clone()))
+        }
+        AnySession::V5(session) => {
+            tracker.spawn(Link::new(link_parts.with_session(*session)).run(link_cancel.clone()))
+        }
+    };
 
     let workload = if config.workload.rate_per_s > 0.0 {
         tracing::info!(
@@ -312,8 +314,7 @@ async fn close_window(mut producer: Producer) -> Option<Producer> {
     }
 }
 
-/// The best energy source for the runtime in use: on a CPU run a GPU's NVML counter is not the
-/// energy of the inference, so other sources come first.
+/// The best energy source for the runtime in use, its idle power measured before any load.
 fn energy_meter(
     energy: &crate::config::EnergyConfig,
     runtime: RuntimeKind,
@@ -321,26 +322,9 @@ fn energy_meter(
     let mut options = DiscoveryOptions::new(&energy.sysfs_root);
     options.total_rail = energy.total_rail.clone();
     options.pin = energy.source;
-    let mut discovery = discover(&options);
-    if runtime == RuntimeKind::Cpu && discovery.sources.len() > 1 {
-        discovery
-            .sources
-            .sort_by_key(|s| s.kind() == SourceKind::Nvml);
-    }
-    match discovery.take_best() {
-        Some(source) => {
-            tracing::info!("measuring energy with {}", source.name());
-            let mut meter =
-                SensorMeter::new(source, IDLE_WINDOW, discovery.batteries.first().cloned());
-            meter.measure_idle();
-            Box::new(meter)
-        }
-        None => {
-            let reason = discovery.why_none();
-            tracing::info!("energy: {reason}");
-            Box::new(NoEnergySource { reason })
-        }
-    }
+    let mut meter = best_meter(&options, runtime == RuntimeKind::Cpu, IDLE_WINDOW);
+    meter.measure_idle();
+    meter
 }
 
 /// What this agent can do, as its birth message lists it.

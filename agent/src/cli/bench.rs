@@ -18,13 +18,13 @@ use crate::inference::{
     select_runtime, InferenceError, ModelSource, OnnxModel, Precision, PreparedModel, RuntimeKind,
 };
 use crate::plaster::accuracy::{self, Top1};
-use crate::plaster::energy::{EnergyMeter, NoEnergySource};
+use crate::plaster::energy::EnergyMeter;
 use crate::plaster::report::{
     self, Accuracy, DeviceInfo, Learning, ModelInfo, Report, Size, Throughput,
 };
 use crate::plaster::scenario::{self, QueryRunner, RunOutcome, Scenario};
-use crate::sensors::sampler::SensorMeter;
-use crate::sensors::{discover, DiscoveryOptions, SourceKind};
+use crate::sensors::sampler::best_meter;
+use crate::sensors::DiscoveryOptions;
 
 /// Batch of the offline scenario for models whose batch axis is dynamic: large enough to
 /// amortise per-run overhead, small enough for a Jetson Nano's memory with a CNN.
@@ -71,13 +71,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let threads = usize::from(args.threads);
     let prepared = PreparedModel::prepare(&model, batch, &choice, args.precision, threads)?;
     if let Some(dataset) = &dataset {
-        let inputs: Vec<(String, Vec<usize>)> = model
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(ix, spec)| (spec.name.clone(), prepared.input_shape(ix)))
-            .collect();
-        dataset.check_fits(&inputs)?;
+        dataset.check_fits(&prepared.named_input_shapes(&model))?;
     }
     let pool = input_pool(&prepared, dataset.as_ref())?;
     let profile_inputs = if args.profile {
@@ -217,7 +211,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
 }
 
 /// The meter of the best energy source under `--sysfs-root`, or one that says why there is
-/// none. On a CPU run, a GPU's NVML counter is not the energy of the inference: prefer others.
+/// none; its idle window is a share of the run.
 fn energy_meter(
     args: &BenchArgs,
     runtime: RuntimeKind,
@@ -226,26 +220,8 @@ fn energy_meter(
     let mut options = DiscoveryOptions::new(&args.sysfs_root);
     options.total_rail = args.total_rail.clone();
     options.pin = args.energy_source;
-    let mut discovery = discover(&options);
-    if runtime == RuntimeKind::Cpu && discovery.sources.len() > 1 {
-        discovery
-            .sources
-            .sort_by_key(|s| s.kind() == SourceKind::Nvml);
-    }
-    match discovery.take_best() {
-        Some(source) => {
-            tracing::info!("measuring energy with {}", source.name());
-            let idle = (duration / IDLE_SHARE).clamp(IDLE_MIN, IDLE_MAX);
-            Box::new(SensorMeter::new(
-                source,
-                idle,
-                discovery.batteries.first().cloned(),
-            ))
-        }
-        None => Box::new(NoEnergySource {
-            reason: discovery.why_none(),
-        }),
-    }
+    let idle = (duration / IDLE_SHARE).clamp(IDLE_MIN, IDLE_MAX);
+    best_meter(&options, runtime == RuntimeKind::Cpu, idle)
 }
 
 fn batch_for(args: &BenchArgs, model: &OnnxModel) -> Result<usize, BenchError> {

@@ -162,6 +162,16 @@ impl PreparedModel {
     }
 
     /// The concrete shape of input `ix`.
+    /// Each input of `model` by name, with the shape this plan takes (what a dataset must fit).
+    pub fn named_input_shapes(&self, model: &OnnxModel) -> Vec<(String, Vec<usize>)> {
+        model
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(ix, spec)| (spec.name.clone(), self.input_shape(ix)))
+            .collect()
+    }
+
     pub fn input_shape(&self, ix: usize) -> Vec<usize> {
         self.input_facts[ix]
             .shape

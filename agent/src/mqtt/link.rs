@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::session::{Session, Wire};
 use super::topics::Topics;
 use crate::config::Encoding;
 use crate::telemetry::counter::PersistentCounter;
@@ -46,10 +46,10 @@ pub struct Presence {
     pub capabilities: Vec<String>,
 }
 
-/// Everything the link needs besides the event loop.
-pub struct LinkParts {
-    pub client: AsyncClient,
-    pub eventloop: EventLoop,
+/// Everything the link needs.
+pub struct LinkParts<S> {
+    /// The client and its event loop (MQTT 3.1.1 or 5).
+    pub session: S,
     pub topics: Topics,
     pub encoding: Encoding,
     pub boot_id: String,
@@ -61,6 +61,24 @@ pub struct LinkParts {
     /// How long the shutdown may spend flushing the spool before the offline status.
     pub drain_timeout: Duration,
     pub broker: String,
+}
+
+impl<S> LinkParts<S> {
+    /// The same parts over another session (the protocol version is chosen at run time).
+    pub fn with_session<T>(self, session: T) -> LinkParts<T> {
+        LinkParts {
+            session,
+            topics: self.topics,
+            encoding: self.encoding,
+            boot_id: self.boot_id,
+            session_seq: self.session_seq,
+            spool: self.spool,
+            spooled: self.spooled,
+            presence: self.presence,
+            drain_timeout: self.drain_timeout,
+            broker: self.broker,
+        }
+    }
 }
 
 /// A publish handed to the client, waiting for the event loop to give it a packet id.
@@ -77,8 +95,8 @@ pub enum Command {
     Rebirth,
 }
 
-pub struct Link {
-    parts: LinkParts,
+pub struct Link<S> {
+    parts: LinkParts<S>,
     connected: bool,
     session_seq: u64,
     /// The last spool id handed to the client in this connection.
@@ -95,8 +113,8 @@ enum Step {
     Stop,
 }
 
-impl Link {
-    pub fn new(parts: LinkParts) -> Link {
+impl<S: Session> Link<S> {
+    pub fn new(parts: LinkParts<S>) -> Link<S> {
         let session_seq = parts.session_seq.get();
         Link {
             parts,
@@ -125,7 +143,7 @@ impl Link {
                         self.publish_retained_state();
                     }
                 }
-                event = self.parts.eventloop.poll() => {
+                event = self.parts.session.poll() => {
                     if let Step::Stop = self.on_event(event, &cancel).await {
                         return;
                     }
@@ -135,19 +153,13 @@ impl Link {
         self.drain().await;
     }
 
-    async fn on_event(
-        &mut self,
-        event: Result<Event, rumqttc::ConnectionError>,
-        cancel: &CancellationToken,
-    ) -> Step {
+    async fn on_event(&mut self, event: Result<Wire, String>, cancel: &CancellationToken) -> Step {
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(),
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_packet_id(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => self.on_ack(ack.pkid),
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                self.on_message(&publish.topic, &publish.payload)
-            }
-            Ok(_) => {}
+            Ok(Wire::Connected) => self.on_connected(),
+            Ok(Wire::PacketId(pkid)) => self.on_packet_id(pkid),
+            Ok(Wire::Acked(pkid)) => self.on_ack(pkid),
+            Ok(Wire::Message { topic, payload }) => self.on_message(&topic, &payload),
+            Ok(Wire::DisconnectSent | Wire::Other) => {}
             Err(error) => return self.on_connection_error(error, cancel).await,
         }
         Step::Continue
@@ -176,7 +188,7 @@ impl Link {
         self.failures = 0;
         self.backoff = BACKOFF_MIN;
         for topic in self.parts.topics.cmd() {
-            if let Err(e) = self.parts.client.try_subscribe(topic, QoS::AtLeastOnce) {
+            if let Err(e) = self.parts.session.try_subscribe(topic) {
                 tracing::warn!("mqtt: subscribing: {e}");
             }
         }
@@ -217,16 +229,12 @@ impl Link {
         }
     }
 
-    async fn on_connection_error(
-        &mut self,
-        error: rumqttc::ConnectionError,
-        cancel: &CancellationToken,
-    ) -> Step {
+    async fn on_connection_error(&mut self, error: String, cancel: &CancellationToken) -> Step {
         let was_connected = self.connected;
         self.connected = false;
         // The spool is the source of truth: forget what the client library would replay and
         // send every unacknowledged record again, in order, from the spool.
-        self.parts.eventloop.pending.clear();
+        self.parts.session.forget_pending();
         self.awaiting_pkid.clear();
         self.in_flight.clear();
         self.offline_pkid = None;
@@ -266,15 +274,8 @@ impl Link {
             session_seq: self.session_seq + 1,
         };
         let payload = record::encode(&death, self.parts.encoding);
-        self.parts
-            .eventloop
-            .mqtt_options
-            .set_last_will(LastWill::new(
-                self.parts.topics.status(),
-                payload,
-                QoS::AtLeastOnce,
-                true,
-            ));
+        let topic = self.parts.topics.status();
+        self.parts.session.set_will(topic, payload);
     }
 
     fn publish_birth(&mut self) {
@@ -306,8 +307,8 @@ impl Link {
     fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, sent: Sent) -> bool {
         match self
             .parts
-            .client
-            .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+            .session
+            .try_publish(topic.clone(), payload, retain)
         {
             Ok(()) => {
                 self.awaiting_pkid.push_back(sent);
@@ -379,18 +380,18 @@ impl Link {
                 }
             }
             let event = tokio::select! {
-                event = self.parts.eventloop.poll() => event,
+                event = self.parts.session.poll() => event,
                 _ = tokio::time::sleep_until(deadline), if !offline_sent => continue,
                 _ = tokio::time::sleep_until(deadline + BACKOFF_MIN), if offline_sent => break,
             };
             match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.on_packet_id(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if self.offline_pkid == Some(ack.pkid) {
+                Ok(Wire::PacketId(pkid)) => self.on_packet_id(pkid),
+                Ok(Wire::Acked(pkid)) => {
+                    if self.offline_pkid == Some(pkid) {
                         tracing::info!("mqtt: offline status delivered");
                         break;
                     }
-                    if let Some(id) = self.in_flight.remove(&ack.pkid) {
+                    if let Some(id) = self.in_flight.remove(&pkid) {
                         lock(&self.parts.spool).remove(id);
                     }
                     if !offline_sent {
@@ -404,12 +405,12 @@ impl Link {
                 }
             }
         }
-        if self.parts.client.try_disconnect().is_ok() {
+        if self.parts.session.try_disconnect().is_ok() {
             // Let the event loop write the DISCONNECT packet, so the broker discards the will.
             let flush = async {
                 loop {
-                    match self.parts.eventloop.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    match self.parts.session.poll().await {
+                        Ok(Wire::DisconnectSent) | Err(_) => break,
                         Ok(_) => {}
                     }
                 }

@@ -3,4 +3,5 @@
 
 pub mod link;
 pub mod options;
+pub mod session;
 pub mod topics;

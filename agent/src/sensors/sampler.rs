@@ -10,8 +10,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::battery::BatteryProbe;
+use super::{discover, DiscoveryOptions, SourceKind};
 use super::{sampling_period, EnergySource, Joules, Reading, SensorError, Watts};
-use crate::plaster::energy::{BatteryReport, EnergyMeter, EnergyReport};
+use crate::plaster::energy::{BatteryReport, EnergyMeter, EnergyReport, NoEnergySource};
 
 /// Fewer fresh samples than this in a window and its energy is not reported (ENERGY.md:
 /// sensor periods are as long as an inference or longer).
@@ -211,6 +212,37 @@ fn sample_loop(source: &mut dyn EnergySource, period: Duration, shared: &Shared)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if *stop {
             return;
+        }
+    }
+}
+
+/// The meter of the best energy source under `options`, or one that says why there is none.
+/// On a CPU run (`cpu_inference`) a GPU's NVML counter is not the energy of the inference, so
+/// other sources come first. `idle_window` is how long `measure_idle` will take.
+pub fn best_meter(
+    options: &DiscoveryOptions,
+    cpu_inference: bool,
+    idle_window: Duration,
+) -> Box<dyn EnergyMeter> {
+    let mut discovery = discover(options);
+    if cpu_inference && discovery.sources.len() > 1 {
+        discovery
+            .sources
+            .sort_by_key(|s| s.kind() == SourceKind::Nvml);
+    }
+    match discovery.take_best() {
+        Some(source) => {
+            tracing::info!("measuring energy with {}", source.name());
+            Box::new(SensorMeter::new(
+                source,
+                idle_window,
+                discovery.batteries.first().cloned(),
+            ))
+        }
+        None => {
+            let reason = discovery.why_none();
+            tracing::info!("energy: {reason}");
+            Box::new(NoEnergySource { reason })
         }
     }
 }

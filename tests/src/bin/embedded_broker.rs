@@ -1,11 +1,16 @@
 //! A real MQTT 3.1.1 broker (rumqttd) for machines without mosquitto, so `cargo test` passes
-//! with Rust alone. `embedded-broker PORT` listens on 127.0.0.1:PORT until killed.
+//! with Rust alone. `embedded-broker PORT V5PORT` listens on 127.0.0.1:PORT (MQTT 3.1.1) and
+//! 127.0.0.1:V5PORT (MQTT 5) until killed.
 
 fn main() {
     let port: u16 = std::env::args()
         .nth(1)
         .and_then(|p| p.parse().ok())
-        .expect("usage: embedded-broker PORT");
+        .expect("usage: embedded-broker PORT V5PORT");
+    let v5_port: u16 = std::env::args()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .expect("usage: embedded-broker PORT V5PORT");
     let config = format!(
         r#"
 id = 0
@@ -20,6 +25,16 @@ name = "v4-1"
 listen = "127.0.0.1:{port}"
 next_connection_delay_ms = 1
 [v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 4194304
+max_inflight_count = 200
+dynamic_filters = true
+
+[v5.1]
+name = "v5-1"
+listen = "127.0.0.1:{v5_port}"
+next_connection_delay_ms = 1
+[v5.1.connections]
 connection_timeout_ms = 60000
 max_payload_size = 4194304
 max_inflight_count = 200
