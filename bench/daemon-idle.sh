@@ -47,4 +47,6 @@ awk -v c0="$cpu0" -v c1="$cpu1" -v t="$ticks" -v d="$duration" \
     'BEGIN { printf "  CPU %.3f s in %d s = %.2f%% of one core\n", (c1 - c0) / t, d, 100 * (c1 - c0) / t / d }'
 kill -TERM "$agent"
 wait "$agent" || true
-cargo run --release -q -p plaster-agent --example spool_throughput -- "$work" "mqtt://127.0.0.1:$port"
+ex=target/release/examples/spool_throughput
+[ -x "$ex" ] || cargo build --release -q -p plaster-agent --example spool_throughput
+"$ex" "$work" "mqtt://127.0.0.1:$port"
