@@ -24,7 +24,7 @@ awk -v e="$exposure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e != "" && e <= m) }' 
 deb=$(ls target/debian/plaster-agent_*_amd64.deb)
 dpkg -i "$deb"
 trap 'dpkg --purge plaster-agent >/dev/null 2>&1 || true' EXIT
-systemd-analyze verify /lib/systemd/system/plaster-agent.service
+systemd-analyze verify /usr/lib/systemd/system/plaster-agent.service
 id plaster-agent
 id -nG plaster-agent | grep -qw video || { echo "FAIL: plaster-agent is not in group video"; exit 1; }
 [ -L /etc/systemd/system/multi-user.target.wants/plaster-agent.service ] ||
