@@ -491,7 +491,7 @@ mod tests {
         );
         check(
             b"\xff\xfe",
-            Err("not a CBOR command map with a \"type\": invalid type: break, expected struct Envelope"),
+            Err("not a CBOR command map with a \"type\": invalid type: break, expected map"),
         );
         check(
             &vec![b' '; MAX_COMMAND_BYTES + 1],
