@@ -575,3 +575,25 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn check_outputs_compares_with_the_cpu_in_f32() {
+    let same = bench_json(&["models/digits", "--check-outputs"]);
+    let check = &same["outputs_vs_cpu"];
+    assert_eq!(check["compared"], "cpu f32 vs cpu f32");
+    assert_eq!(check["max_abs_diff"], 0.0);
+    assert_eq!(check["integer_mismatches"], 0);
+    assert!(check["inputs"].as_u64().unwrap() > 0);
+
+    // f16 computes something slightly different: visible, small.
+    let half = bench_json(&["models/digits", "--precision", "f16", "--check-outputs"]);
+    let check = &half["outputs_vs_cpu"];
+    assert_eq!(check["compared"], "cpu f16 vs cpu f32");
+    let diff = check["max_abs_diff"].as_f64().unwrap();
+    assert!(diff > 0.0 && diff < 0.05, "f16 vs f32: {diff}");
+
+    // Absent unless asked for.
+    assert!(bench_json(&["models/digits"])
+        .get("outputs_vs_cpu")
+        .is_none());
+}

@@ -234,6 +234,7 @@ impl Producer {
                 rollbacks: 0,
             },
             profile: None,
+            outputs_vs_cpu: None,
         }
     }
 }

@@ -32,6 +32,8 @@ pub const DEFAULT_OFFLINE_BATCH: usize = 8;
 /// Warm-up before measuring: this many queries, or this long, whichever comes first.
 const WARMUP_QUERIES: u32 = 10;
 const WARMUP_MAX: Duration = Duration::from_secs(1);
+/// Input batches `--check-outputs` runs through both plans.
+const CHECK_BATCHES: usize = 8;
 /// Distinct input sets cycled through during a run (dataset batches or synthetic inputs).
 const INPUT_POOL: usize = 64;
 /// Share of `--duration` spent measuring one-stream capacity before a server run.
@@ -74,6 +76,11 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         dataset.check_fits(&prepared.named_input_shapes(&model))?;
     }
     let pool = input_pool(&prepared, dataset.as_ref())?;
+    let check_inputs: Vec<TVec<TValue>> = if args.check_outputs {
+        pool.iter().take(CHECK_BATCHES).cloned().collect()
+    } else {
+        Vec::new()
+    };
     let profile_inputs = if args.profile {
         pool.clone()
     } else {
@@ -154,6 +161,14 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         None
     };
 
+    let outputs_vs_cpu = if args.check_outputs {
+        let cpu = select_runtime(crate::inference::DeviceKind::Cpu)?;
+        let reference = PreparedModel::prepare(&model, batch, &cpu, Precision::F32, threads)?;
+        Some(prepared.compare_outputs(&reference, &check_inputs)?)
+    } else {
+        None
+    };
+
     let accuracy = match &dataset {
         Some(dataset) => Some(measure_accuracy(
             &model, &prepared, dataset, &choice, threads,
@@ -193,6 +208,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         energy,
         learning: Learning::without_updates("bench runs no model updates"),
         profile,
+        outputs_vs_cpu,
     })
 }
 

@@ -115,6 +115,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub profile: bool,
 
+    /// After the run, compare the outputs with the CPU runtime's in f32 on the same inputs
+    /// (the dataset's first batches, or synthetic inputs) and report the largest difference
+    #[arg(long)]
+    pub check_outputs: bool,
+
     /// Read energy sensors under this directory instead of / (a recorded tree of a board)
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub sysfs_root: PathBuf,

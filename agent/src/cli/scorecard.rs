@@ -19,8 +19,21 @@ pub fn render(report: &Report) -> String {
         .as_ref()
         .map(render_profile)
         .unwrap_or_default();
+    let check = report
+        .outputs_vs_cpu
+        .as_ref()
+        .map(|c| {
+            format!(
+                "outputs {}: max |difference| {} over {} input batches, {} integer outputs differ\n",
+                c.compared,
+                sig(c.max_abs_diff),
+                c.inputs,
+                c.integer_mismatches
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "model  {}{version} (sha256 {})\ndevice {} ({}, {} runtime, {} thread{})\n{table}\n{profile}",
+        "model  {}{version} (sha256 {})\ndevice {} ({}, {} runtime, {} thread{})\n{table}\n{check}{profile}",
         report.model.name,
         &report.model.sha256[..report.model.sha256.len().min(12)],
         report.device.id,

@@ -21,6 +21,65 @@ use tract_onnx::tract_core::transform::get_transform;
 
 pub use error::InferenceError;
 pub use profile::{OpProfile, Profile};
+
+/// How far one runtime's outputs are from the CPU runtime's in f32 on the same inputs
+/// (`bench --check-outputs`): a GPU or f16 plan that computes something else shows here.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutputCheck {
+    /// What was compared: `"<runtime> <precision> vs cpu f32"`.
+    pub compared: String,
+    /// Input batches run through both plans.
+    pub inputs: usize,
+    /// Largest absolute difference over every floating-point output element.
+    pub max_abs_diff: f64,
+    /// Elements of integer outputs (e.g. predicted labels) that differ.
+    pub integer_mismatches: u64,
+}
+
+/// A tensor's elements cast to `T`.
+fn cast_vec<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, InferenceError> {
+    let cast = tensor.cast_to::<T>().map_err(InferenceError::run)?;
+    to_vec::<T>(&cast).map_err(InferenceError::run)
+}
+
+impl PreparedModel {
+    /// Runs `inputs` through this plan and through `reference` and compares the outputs.
+    pub fn compare_outputs(
+        &self,
+        reference: &PreparedModel,
+        inputs: &[TVec<TValue>],
+    ) -> Result<OutputCheck, InferenceError> {
+        let mut ours = self.session()?;
+        let mut theirs = reference.session()?;
+        let mut max_abs_diff = 0f64;
+        let mut integer_mismatches = 0u64;
+        for input in inputs {
+            let a = ours.run(input.clone())?;
+            let b = theirs.run(input.clone())?;
+            for (x, y) in a.iter().zip(b.iter()) {
+                if x.datum_type().is_float() {
+                    let (x, y) = (cast_vec::<f32>(x)?, cast_vec::<f32>(y)?);
+                    for (p, q) in x.iter().zip(&y) {
+                        max_abs_diff = max_abs_diff.max(f64::from((p - q).abs()));
+                    }
+                } else {
+                    let (x, y) = (cast_vec::<i64>(x)?, cast_vec::<i64>(y)?);
+                    integer_mismatches += x.iter().zip(&y).filter(|(p, q)| p != q).count() as u64;
+                }
+            }
+        }
+        Ok(OutputCheck {
+            compared: format!(
+                "{} {} vs cpu f32",
+                self.runtime.as_str(),
+                self.precision.as_str()
+            ),
+            inputs: inputs.len(),
+            max_abs_diff,
+            integer_mismatches,
+        })
+    }
+}
 pub use programmability::Programmability;
 pub use runtime::{select_runtime, DeviceKind, RuntimeChoice, RuntimeKind};
 pub use source::{InputSpec, ModelSource, OnnxModel};

@@ -27,6 +27,9 @@ pub struct Report {
     /// Per-op profile, only with `bench --profile` (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<crate::inference::Profile>,
+    /// Outputs against the CPU runtime in f32, only with `bench --check-outputs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_vs_cpu: Option<crate::inference::OutputCheck>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -268,6 +268,7 @@ mod tests {
                 rollbacks: 0,
             },
             profile: None,
+            outputs_vs_cpu: None,
         }
     }
 
