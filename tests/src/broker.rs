@@ -18,6 +18,14 @@ pub enum Kind {
     Embedded,
 }
 
+/// A listener that admits one user with one password (the plain port stays anonymous, for
+/// test clients).
+#[derive(Clone, Debug)]
+pub struct PasswordListener {
+    pub username: String,
+    pub password: String,
+}
+
 /// Server side of TLS: files in PEM, and whether clients must present a certificate.
 #[derive(Clone, Debug)]
 pub struct TlsListener {
@@ -35,6 +43,9 @@ pub struct Broker {
     /// The TLS listener's port, when one was asked for.
     pub tls_port: Option<u16>,
     tls: Option<TlsListener>,
+    /// The password listener's port, when one was asked for.
+    pub auth_port: Option<u16>,
+    auth: Option<PasswordListener>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     log: mpsc::Receiver<String>,
@@ -78,16 +89,21 @@ impl Broker {
 
     /// A plain broker on `port` (one an agent was already told about).
     pub fn start_on(port: u16) -> Broker {
-        Broker::start_at(port, None)
+        Broker::start_at(port, None, None)
+    }
+
+    /// A broker with an anonymous listener and one that requires `auth`'s credentials.
+    pub fn start_with_password(auth: PasswordListener) -> Broker {
+        Broker::start_at(free_port(), None, Some(auth))
     }
 
     /// A broker with a plain listener (for test clients) and, with `tls`, a TLS listener.
     /// TLS needs mosquitto.
     pub fn start_with(tls: Option<TlsListener>) -> Broker {
-        Broker::start_at(free_port(), tls)
+        Broker::start_at(free_port(), tls, None)
     }
 
-    fn start_at(port: u16, tls: Option<TlsListener>) -> Broker {
+    fn start_at(port: u16, tls: Option<TlsListener>, auth: Option<PasswordListener>) -> Broker {
         let kind = if tls.is_some() {
             Kind::Mosquitto
         } else {
@@ -103,6 +119,8 @@ impl Broker {
             },
             tls_port: tls.as_ref().map(|_| free_port()),
             tls,
+            auth_port: auth.as_ref().map(|_| free_port()),
+            auth,
             dir: tempfile::tempdir().expect("broker dir"),
             child: None,
             log,
@@ -136,6 +154,14 @@ impl Broker {
             Kind::Embedded => Command::new(embedded_broker_bin())
                 .arg(self.port.to_string())
                 .arg(self.v5_port.to_string())
+                .args(match (&self.auth, self.auth_port) {
+                    (Some(auth), Some(port)) => vec![
+                        port.to_string(),
+                        auth.username.clone(),
+                        auth.password.clone(),
+                    ],
+                    _ => Vec::new(),
+                })
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -164,8 +190,11 @@ impl Broker {
             },
             // rumqttd does not: probe its port until it accepts.
             Kind::Embedded => {
-                while TcpStream::connect(("127.0.0.1", self.port)).is_err()
-                    || TcpStream::connect(("127.0.0.1", self.v5_port)).is_err()
+                let ports = [Some(self.port), Some(self.v5_port), self.auth_port];
+                while ports
+                    .iter()
+                    .flatten()
+                    .any(|&p| TcpStream::connect(("127.0.0.1", p)).is_err())
                 {
                     assert!(
                         Instant::now() < deadline,
@@ -180,17 +209,33 @@ impl Broker {
 
     fn write_mosquitto_conf(&self) -> PathBuf {
         let dir = self.dir.path();
+        // Settings per listener: the plain one stays anonymous for test clients.
         let mut conf = format!(
-            "per_listener_settings false\nallow_anonymous true\nlog_dest stderr\n\
+            "per_listener_settings true\nlog_dest stderr\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              persistence true\npersistence_location {}/\n\
-             listener {} 127.0.0.1\n",
+             listener {} 127.0.0.1\nallow_anonymous true\n",
             dir.display(),
             self.port
         );
+        if let (Some(auth), Some(port)) = (&self.auth, self.auth_port) {
+            let passwords = dir.join("passwords");
+            let status = Command::new("mosquitto_passwd")
+                .args(["-b", "-c"])
+                .arg(&passwords)
+                .arg(&auth.username)
+                .arg(&auth.password)
+                .status()
+                .expect("run mosquitto_passwd");
+            assert!(status.success(), "mosquitto_passwd failed");
+            conf.push_str(&format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+                passwords.display()
+            ));
+        }
         if let (Some(tls), Some(port)) = (&self.tls, self.tls_port) {
             conf.push_str(&format!(
-                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
                 tls.ca_file.display(),
                 tls.cert_file.display(),
                 tls.key_file.display(),

@@ -558,3 +558,56 @@ fn mqtt_5_when_configured_with_birth_will_and_telemetry() {
     let will = status(&sub, device, false);
     assert_eq!(will["session_seq"], birth["session_seq"]);
 }
+
+#[test]
+fn username_and_password_from_a_file_and_a_refused_password() {
+    let broker = Broker::start_with_password(plaster_agent_tests::broker::PasswordListener {
+        username: "pw-1".into(),
+        password: "s3cret".into(),
+    });
+    let auth_url = format!("mqtt://127.0.0.1:{}", broker.auth_port.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::connect(broker.port, "pw-dashboard", true, &["plaster/v1/lab/#"]);
+    let with_password = |name: &str, password: Option<&str>| {
+        let device_dir = dir.path().join(name);
+        std::fs::create_dir_all(&device_dir).unwrap();
+        let password_file = device_dir.join("mqtt-password");
+        if let Some(password) = password {
+            std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        }
+        let mut config = DaemonConfig::new(&device_dir, name, &auth_url);
+        config.mqtt_extra = format!(
+            "username = \"pw-1\"\npassword_file = \"{}\"",
+            password_file.display()
+        );
+        (config.write(&device_dir), password_file)
+    };
+
+    // The right password, read from its file (trailing newline trimmed): connected.
+    let (config, _) = with_password("pw-1", Some("s3cret"));
+    let _agent = Daemon::start(&config);
+    status(&sub, "pw-1", true);
+
+    // A wrong one: the broker refuses, the agent says so and keeps spooling.
+    let (config, _) = with_password("pw-2", Some("guess"));
+    let agent = Daemon::start(&config);
+    let line = agent.wait_for_log("cannot connect", WAIT);
+    assert!(
+        line.contains(&format!("mqtt {auth_url}: cannot connect: ")) && line.contains("retrying"),
+        "{line}"
+    );
+    agent.wait_for_log("spooled", WAIT);
+
+    // A password file that is not there: a configuration problem, before any connection.
+    let (config, password_file) = with_password("pw-3", None);
+    let run = plaster_agent_tests::agent(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert_eq!(
+        run.stderr.trim_end(),
+        format!(
+            "error: 1 configuration problem\n  {}: mqtt.password_file: {} does not exist or is not a file",
+            config.display(),
+            password_file.display()
+        )
+    );
+}
