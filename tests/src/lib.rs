@@ -76,6 +76,35 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
         .max()
 }
 
+/// A real filesystem that runs out of space: a small tmpfs mounted over a temporary directory
+/// (mounting needs root, as CI and the development machines run).
+pub struct TinyFs {
+    pub dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    /// `size` as mount(8) takes it, e.g. "64k".
+    pub fn mount(size: &str) -> TinyFs {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (this test fills a real disk)"
+        );
+        TinyFs { dir }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
 /// What one run of the agent produced.
 #[derive(Debug)]
 pub struct Run {

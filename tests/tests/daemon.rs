@@ -6,6 +6,7 @@ use std::time::Duration;
 use plaster_agent_tests::broker::{free_port, Broker};
 use plaster_agent_tests::daemon::{Daemon, DaemonConfig};
 use plaster_agent_tests::mqtt::{publish, Message, Subscriber};
+use plaster_agent_tests::TinyFs;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -475,36 +476,6 @@ fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
     }
     assert_eq!(after_term, "STOPPING=1");
     assert_eq!(agent.wait(WAIT), Some(0));
-}
-
-/// A real filesystem that runs out of space: a small tmpfs mounted over a temporary directory
-/// (mounting needs root, as CI and the development machines run).
-struct TinyFs {
-    dir: tempfile::TempDir,
-}
-
-impl TinyFs {
-    fn mount(size: &str) -> TinyFs {
-        let dir = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs needs root (this test fills a real disk)"
-        );
-        TinyFs { dir }
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 #[test]
