@@ -55,7 +55,13 @@ impl PreparedModel {
         let mut integer_mismatches = 0u64;
         for input in inputs {
             let a = ours.run(input.clone())?;
-            let b = theirs.run(input.clone())?;
+            // The reference may take another element type (an f16 plan's inputs are f16).
+            let reference_input = input
+                .iter()
+                .enumerate()
+                .map(|(ix, value)| reference.conform_input(ix, value.clone().into_tensor()))
+                .collect::<Result<TVec<_>, _>>()?;
+            let b = theirs.run(reference_input)?;
             for (x, y) in a.iter().zip(b.iter()) {
                 if x.datum_type().is_float() {
                     let (x, y) = (cast_vec::<f32>(x)?, cast_vec::<f32>(y)?);
