@@ -15,5 +15,13 @@ pub mod plaster;
 pub mod sensors;
 pub mod telemetry;
 
+/// Locks `mutex`, taking over a lock a panicked thread left poisoned: the data it guards
+/// (counters, a window of figures, the spool index) stays usable, and the agent keeps serving.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The agent's version, as printed by `--version` and published in the MQTT birth message.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

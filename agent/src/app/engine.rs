@@ -15,6 +15,7 @@ use crate::dataset::{Dataset, DatasetError};
 use crate::inference::{
     predicted_labels, select_runtime, InferenceError, ModelSource, OnnxModel, PreparedModel,
 };
+use crate::lock;
 use crate::plaster::accuracy;
 use crate::plaster::latency::LatencyRecorder;
 use crate::plaster::report::Accuracy;
@@ -107,12 +108,6 @@ pub struct Window {
 
 pub type SharedWindow = Arc<Mutex<Window>>;
 
-pub fn lock_window(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
-    window
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The built-in workload: replays the bundle's dataset (or seeded synthetic inputs when the
 /// model has none) at a fixed rate on its own thread, so a device with no application
 /// traffic still reports real latency, accuracy and energy. A fleet benchmarks itself this way.
@@ -157,7 +152,7 @@ impl Workload {
                         session.run(query.inputs).map(|outputs| (outputs, labels))
                     });
                     let elapsed = start.elapsed();
-                    let mut window = lock_window(&window);
+                    let mut window = lock(&window);
                     match result.and_then(|(outputs, labels)| match labels {
                         Some(labels) => predicted_labels(&outputs, labels.len())
                             .map(|predicted| (predicted, Some(labels))),

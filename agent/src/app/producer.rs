@@ -10,9 +10,10 @@ use std::time::{Instant, SystemTime};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use super::engine::{lock_window, Engine, SharedWindow, Window};
+use super::engine::{Engine, SharedWindow, Window};
 use crate::config::Encoding;
 use crate::device;
+use crate::lock;
 use crate::plaster::energy::EnergyMeter;
 use crate::plaster::report::{
     self, Accuracy, DeviceInfo, Learning, ModelInfo, ProgrammabilityReport, Report, Size,
@@ -134,7 +135,7 @@ impl Producer {
     /// thermal reads, fsync): run it on a blocking thread. Returns the record's `seq`, or
     /// `None` when the full spool had no room for it (counted in `spool_dropped`).
     pub fn tick(&mut self) -> Result<Option<u64>, ProducerError> {
-        let window = std::mem::take(&mut *lock_window(&self.window));
+        let window = std::mem::take(&mut *lock(&self.window));
         let now = Instant::now();
         let window_s = (now - self.window_started).as_secs_f64();
         self.window_started = now;
@@ -251,10 +252,4 @@ fn newest_spooled_seq(spool: &Spool, topic: &str) -> Option<u64> {
             .find_map(|encoding| record::decode::<SeqOnly>(&record.payload, encoding).ok())
             .map(|s| s.seq)
     })
-}
-
-fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
-    spool
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::session::{Session, Wire};
 use super::topics::Topics;
 use crate::config::Encoding;
+use crate::lock;
 use crate::telemetry::counter::PersistentCounter;
 use crate::telemetry::record::{self, rfc3339, Birth, Death, ModelRef, ModelState};
 use crate::telemetry::spool::Spool;
@@ -455,12 +456,6 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, String> {
 fn jittered(delay: Duration) -> Duration {
     let factor = rand::thread_rng().gen_range(1.0 - BACKOFF_JITTER..=1.0 + BACKOFF_JITTER);
     delay.mul_f64(factor)
-}
-
-fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
-    spool
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::battery::BatteryProbe;
 use super::{discover, DiscoveryOptions, SourceKind};
 use super::{sampling_period, EnergySource, Joules, Reading, SensorError, Watts};
+use crate::lock;
 use crate::plaster::energy::{BatteryReport, EnergyMeter, EnergyReport, NoEnergySource};
 
 /// Fewer fresh samples than this in a window and its energy is not reported (ENERGY.md:
@@ -180,10 +181,6 @@ impl Drop for Sampler {
             let _ = thread.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn sample_loop(source: &mut dyn EnergySource, period: Duration, shared: &Shared) {
