@@ -77,7 +77,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let telemetry_seq = PersistentCounter::open(&config.state_dir.join("telemetry.seq"))?;
     let session_seq = PersistentCounter::open(&config.state_dir.join("session.seq"))?;
     let connection = Connection {
-        url: Some(config.mqtt.url.clone()),
         username: config.mqtt.username.clone(),
         password_file: config.mqtt.password_file.clone(),
         ca_file: config.mqtt.ca_file.clone(),

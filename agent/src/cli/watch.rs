@@ -195,7 +195,6 @@ fn decode_any<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String>
 
 pub fn run(args: &WatchArgs) -> Result<(), WatchError> {
     let connection = Connection {
-        url: Some(args.broker.clone()),
         username: args.username.clone(),
         password_file: args.password_file.clone(),
         ca_file: args.ca_file.clone(),

@@ -37,10 +37,10 @@ pub enum MqttError {
     Tls(String),
 }
 
-/// Where and how to connect: what the daemon's config or an operator's flags say.
+/// How to connect (the broker's URL is given to `options`): what the daemon's config or an
+/// operator's flags say.
 #[derive(Clone, Debug, Default)]
 pub struct Connection {
-    pub url: Option<BrokerUrl>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
