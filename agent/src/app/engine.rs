@@ -19,6 +19,7 @@ use crate::lock;
 use crate::plaster::accuracy;
 use crate::plaster::latency::LatencyRecorder;
 use crate::plaster::report::Accuracy;
+use crate::plaster::scenario;
 
 /// Warm-up at load: this many queries, or this long, whichever comes first.
 const WARMUP_QUERIES: u32 = 10;
@@ -63,13 +64,11 @@ impl Engine {
         }
         let mut session = prepared.session()?;
         let warm_inputs = prepared.synthetic_inputs(0)?;
-        let start = Instant::now();
-        for _ in 0..WARMUP_QUERIES {
-            session.run(warm_inputs.clone())?;
-            if start.elapsed() >= WARMUP_MAX {
-                break;
-            }
-        }
+        scenario::warm_up(
+            &mut || session.run(warm_inputs.clone()).map(|_| ()),
+            WARMUP_QUERIES,
+            WARMUP_MAX,
+        )?;
         let accuracy_at_load = match &dataset {
             Some(dataset) => {
                 let top1 = accuracy::top1(&prepared, dataset, &mut |_| {})?;

@@ -5,7 +5,7 @@
 //! only then run the accuracy pass, which is not part of the timed window.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tract_onnx::prelude::*;
@@ -22,7 +22,7 @@ use crate::plaster::energy::EnergyMeter;
 use crate::plaster::report::{
     self, Accuracy, DeviceInfo, Learning, ModelInfo, Report, Size, Throughput,
 };
-use crate::plaster::scenario::{self, QueryRunner, RunOutcome, Scenario};
+use crate::plaster::scenario::{self, RunOutcome, Scenario};
 use crate::sensors::sampler::best_meter;
 use crate::sensors::DiscoveryOptions;
 
@@ -94,7 +94,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         next = next.wrapping_add(1);
         session.run(inputs).map(|_| ())
     };
-    warm_up(&mut runner)?;
+    scenario::warm_up(&mut runner, WARMUP_QUERIES, WARMUP_MAX)?;
 
     let (min_duration, min_queries) = if args.strict {
         args.scenario.strict_minimums()
@@ -280,17 +280,6 @@ fn input_pool(
         }
         None => (0..8).map(|seed| prepared.synthetic_inputs(seed)).collect(),
     }
-}
-
-fn warm_up(runner: &mut dyn QueryRunner) -> Result<(), InferenceError> {
-    let start = Instant::now();
-    for _ in 0..WARMUP_QUERIES {
-        runner.run_query()?;
-        if start.elapsed() >= WARMUP_MAX {
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn measure_accuracy(

@@ -49,6 +49,23 @@ impl<F: FnMut() -> Result<(), InferenceError>> QueryRunner for F {
     }
 }
 
+/// Runs queries until `queries` ran or `max` passed, whichever comes first: caches, lazily
+/// built kernels and (on a GPU) compiled kernels are ready before anything is measured.
+pub fn warm_up(
+    runner: &mut dyn QueryRunner,
+    queries: u32,
+    max: Duration,
+) -> Result<(), InferenceError> {
+    let start = Instant::now();
+    for _ in 0..queries {
+        runner.run_query()?;
+        if start.elapsed() >= max {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Told how far a run has gone: time elapsed in the current phase and queries completed.
 pub type Tick<'a> = &'a mut dyn FnMut(Duration, u64);
 
