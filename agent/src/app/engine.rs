@@ -72,13 +72,7 @@ impl Engine {
         let accuracy_at_load = match &dataset {
             Some(dataset) => {
                 let top1 = accuracy::top1(&prepared, dataset, &mut |_| {})?;
-                Some(Accuracy {
-                    metric: "top1".to_string(),
-                    value: top1.value(),
-                    samples: top1.samples,
-                    precision: prepared.precision().as_str().to_string(),
-                    delta_vs_f32: None,
-                })
+                Some(Accuracy::top1(top1, prepared.precision(), None))
             }
             None => None,
         };

@@ -13,7 +13,9 @@ use tokio::sync::Notify;
 use super::engine::{Engine, SharedWindow, Window};
 use crate::config::Encoding;
 use crate::device;
+use crate::inference::Precision;
 use crate::lock;
+use crate::plaster::accuracy::Top1;
 use crate::plaster::energy::EnergyMeter;
 use crate::plaster::report::{
     self, Accuracy, DeviceInfo, Learning, ModelInfo, ProgrammabilityReport, Report, Size,
@@ -44,7 +46,7 @@ struct Fixed {
     parameters: u64,
     flops_per_inference: Option<u64>,
     batch: usize,
-    precision: String,
+    precision: Precision,
     accuracy_at_load: Option<Accuracy>,
     active_since: String,
 }
@@ -111,7 +113,7 @@ impl Producer {
             parameters: prepared.parameters(),
             flops_per_inference: prepared.flops_per_inference(),
             batch: prepared.batch(),
-            precision: prepared.precision().as_str().to_string(),
+            precision: prepared.precision(),
             accuracy_at_load: engine.accuracy_at_load.clone(),
             active_since: rfc3339(engine.loaded_at),
         };
@@ -188,13 +190,11 @@ impl Producer {
     ) -> Report {
         let fixed = &self.fixed;
         let accuracy = if window.labelled > 0 {
-            Some(Accuracy {
-                metric: "top1".to_string(),
-                value: window.correct as f64 / window.labelled as f64,
+            let hits = Top1 {
+                correct: window.correct as usize,
                 samples: window.labelled as usize,
-                precision: fixed.precision.clone(),
-                delta_vs_f32: None,
-            })
+            };
+            Some(Accuracy::top1(hits, fixed.precision, None))
         } else {
             fixed.accuracy_at_load.clone()
         };

@@ -307,13 +307,7 @@ fn measure_accuracy(
         None
     };
     bar.finish_and_clear();
-    Ok(Accuracy {
-        metric: "top1".to_string(),
-        value: top1.value(),
-        samples: top1.samples,
-        precision: prepared.precision().as_str().to_string(),
-        delta_vs_f32,
-    })
+    Ok(Accuracy::top1(top1, prepared.precision(), delta_vs_f32))
 }
 
 fn throughput(

@@ -4,9 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::accuracy::Top1;
 use super::energy::EnergyReport;
 use super::latency::LatencySummary;
-use crate::inference::Programmability;
+use crate::inference::{Precision, Programmability};
 
 /// The schema tag of every report.
 pub const SCHEMA: &str = "plaster/v1";
@@ -77,6 +78,19 @@ pub struct Accuracy {
     pub precision: String,
     /// `value` minus the f32 accuracy on the same set when running in f16; `null` in f32.
     pub delta_vs_f32: Option<f64>,
+}
+
+impl Accuracy {
+    /// The report's accuracy section for `top1` hits counted in `precision`.
+    pub fn top1(top1: Top1, precision: Precision, delta_vs_f32: Option<f64>) -> Accuracy {
+        Accuracy {
+            metric: "top1".to_string(),
+            value: top1.value(),
+            samples: top1.samples,
+            precision: precision.as_str().to_string(),
+            delta_vs_f32,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
