@@ -247,9 +247,8 @@ fn newest_spooled_seq(spool: &Spool, topic: &str) -> Option<u64> {
         if record.kind != RecordKind::Telemetry || record.topic != topic {
             return None;
         }
-        [Encoding::Cbor, Encoding::Json]
-            .into_iter()
-            .find_map(|encoding| record::decode::<SeqOnly>(&record.payload, encoding).ok())
+        record::decode::<SeqOnly>(&record.payload, record::encoding_of(&record.payload))
+            .ok()
             .map(|s| s.seq)
     })
 }

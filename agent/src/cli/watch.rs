@@ -9,7 +9,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde::Deserialize;
 
-use crate::config::{BrokerUrl, Encoding};
+use crate::config::BrokerUrl;
 use crate::mqtt::options::{Connection, MqttError, REQUEST_CHANNEL_CAPACITY};
 use crate::mqtt::topics::Topics;
 use crate::telemetry::record::{self, ModelRef, Telemetry};
@@ -185,12 +185,7 @@ impl Fleet {
 
 /// Payloads are CBOR unless the fleet is configured for JSON; a dashboard reads both.
 fn decode_any<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String> {
-    let encoding = if payload.first() == Some(&b'{') {
-        Encoding::Json
-    } else {
-        Encoding::Cbor
-    };
-    record::decode(payload, encoding)
+    record::decode(payload, record::encoding_of(payload))
 }
 
 pub fn run(args: &WatchArgs) -> Result<(), WatchError> {
@@ -252,6 +247,7 @@ pub fn run(args: &WatchArgs) -> Result<(), WatchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Encoding;
     use crate::telemetry::record::{encode, Death};
 
     #[test]

@@ -434,16 +434,15 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, String> {
             payload.len()
         ));
     }
-    let envelope: Envelope = if payload.first() == Some(&b'{') {
-        serde_json::from_slice(payload)
-            .map_err(|e| format!("not a JSON command object with a \"type\": {e}"))?
-    } else {
-        ciborium::from_reader(payload).map_err(|e| {
+    let envelope: Envelope = match record::encoding_of(payload) {
+        Encoding::Json => serde_json::from_slice(payload)
+            .map_err(|e| format!("not a JSON command object with a \"type\": {e}"))?,
+        Encoding::Cbor => ciborium::from_reader(payload).map_err(|e| {
             format!(
                 "not a CBOR command map with a \"type\": {}",
                 record::cbor_error(e)
             )
-        })?
+        })?,
     };
     match envelope.kind.as_str() {
         "rebirth" => Ok(Command::Rebirth),

@@ -127,6 +127,17 @@ fn single_precision(value: &mut ciborium::Value) {
     }
 }
 
+/// The encoding a payload was written in: a JSON object starts with `{`; a CBOR map never does
+/// (its first byte is 0xa0 to 0xbf). Readers that take either (commands, `watch`, the spool
+/// after an encoding change) ask this.
+pub fn encoding_of(payload: &[u8]) -> Encoding {
+    if payload.first() == Some(&b'{') {
+        Encoding::Json
+    } else {
+        Encoding::Cbor
+    }
+}
+
 /// Decodes a payload written in `encoding`.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], encoding: Encoding) -> Result<T, String> {
     match encoding {
