@@ -209,10 +209,26 @@ impl<S: Session> Link<S> {
     }
 
     fn on_ack(&mut self, pkid: u16) {
+        self.forget_acknowledged(pkid);
+        self.refill();
+    }
+
+    /// The broker has the record sent with `pkid`: it leaves the spool.
+    fn forget_acknowledged(&mut self, pkid: u16) {
         if let Some(id) = self.in_flight.remove(&pkid) {
             lock(&self.parts.spool).remove(id);
         }
-        self.refill();
+    }
+
+    /// The offline status of session `session_seq`: the Last Will's payload and the one a
+    /// clean stop publishes.
+    fn offline_payload(&self, session_seq: u64) -> Vec<u8> {
+        let death = Death {
+            online: false,
+            boot_id: self.parts.boot_id.clone(),
+            session_seq,
+        };
+        record::encode(&death, self.parts.encoding)
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
@@ -269,12 +285,7 @@ impl<S: Session> Link<S> {
 
     /// The will of the next connection: offline, with that connection's session number.
     fn arm_last_will(&mut self) {
-        let death = Death {
-            online: false,
-            boot_id: self.parts.boot_id.clone(),
-            session_seq: self.session_seq + 1,
-        };
-        let payload = record::encode(&death, self.parts.encoding);
+        let payload = self.offline_payload(self.session_seq + 1);
         let topic = self.parts.topics.status();
         self.parts.session.set_will(topic, payload);
     }
@@ -368,12 +379,7 @@ impl<S: Session> Link<S> {
         let mut offline_sent = false;
         loop {
             if !offline_sent && (self.nothing_left() || Instant::now() >= deadline) {
-                let death = Death {
-                    online: false,
-                    boot_id: self.parts.boot_id.clone(),
-                    session_seq: self.session_seq,
-                };
-                let payload = record::encode(&death, self.parts.encoding);
+                let payload = self.offline_payload(self.session_seq);
                 offline_sent =
                     self.publish(self.parts.topics.status(), payload, true, Sent::Offline);
                 if !offline_sent {
@@ -392,9 +398,7 @@ impl<S: Session> Link<S> {
                         tracing::info!("mqtt: offline status delivered");
                         break;
                     }
-                    if let Some(id) = self.in_flight.remove(&pkid) {
-                        lock(&self.parts.spool).remove(id);
-                    }
+                    self.forget_acknowledged(pkid);
                     if !offline_sent {
                         self.refill();
                     }
