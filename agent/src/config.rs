@@ -28,6 +28,17 @@ pub const DEFAULT_KEEP_ALIVE_S: u64 = 30;
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// The local inference API: loopback only unless the operator opens it.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8000";
+/// Batches of up to 8 samples: most of the throughput gain on small CPUs and GPUs, little
+/// added latency.
+pub const DEFAULT_API_MAX_BATCH: usize = 8;
+/// A batch's first request waits at most half a millisecond for others.
+pub const DEFAULT_API_MAX_QUEUE_DELAY_US: u64 = 500;
+/// Requests waiting for inference at most (beyond: 503, Retry-After).
+pub const DEFAULT_API_MAX_QUEUE: usize = 128;
+/// A batch of 8 SqueezeNet inputs in JSON is about 40 MB; 64 MiB leaves room.
+pub const DEFAULT_API_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Connections served at once (each costs a task and its buffers; beyond: 503).
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 512;
 /// Two threads leave a Jetson Nano's other two cores to the application.
 pub const DEFAULT_THREADS: usize = 2;
 /// PROTOCOL.md: a pushed model may lose at most one point of accuracy.
@@ -142,7 +153,34 @@ impl fmt::Display for BrokerUrl {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiConfig {
-    pub listen: SocketAddr,
+    /// Where the local inference API listens; `None` (`listen = ""`) turns it off.
+    pub listen: Option<ApiListen>,
+    /// Samples per batch the dynamic batcher runs at most (models with a batch axis); 1 = off.
+    pub max_batch: usize,
+    /// How long the first request of a batch waits for others.
+    pub max_queue_delay: Duration,
+    /// Requests waiting for inference at most; more are answered 503 with Retry-After.
+    pub max_queue: usize,
+    /// Request bodies larger than this are answered 413.
+    pub max_body_bytes: u64,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+/// `host:port`, or `unix:/path/to/socket`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ApiListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiListen::Tcp(addr) => write!(f, "http://{addr}"),
+            ApiListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -609,19 +647,51 @@ impl Reader<'_> {
 
         let api = ApiConfig {
             listen: match self.string("api.listen") {
-                None => DEFAULT_API_LISTEN
-                    .parse()
-                    .expect("the default address parses"),
-                Some(s) => s.parse().unwrap_or_else(|_| {
-                    self.problem(
-                        "api.listen",
-                        format!("{s:?} is not an address:port (e.g. 127.0.0.1:8000)"),
-                    );
+                None => Some(ApiListen::Tcp(
                     DEFAULT_API_LISTEN
                         .parse()
-                        .expect("the default address parses")
-                }),
+                        .expect("the default address parses"),
+                )),
+                Some(s) if s.is_empty() => None,
+                Some(s) => match s.strip_prefix("unix:") {
+                    Some(path) if path.starts_with('/') => Some(ApiListen::Unix(path.into())),
+                    Some(_) => {
+                        self.problem(
+                            "api.listen",
+                            format!("{s:?}: a Unix socket needs an absolute path (unix:/run/plaster-agent/api.sock)"),
+                        );
+                        None
+                    }
+                    None => s.parse().map(ApiListen::Tcp).map(Some).unwrap_or_else(|_| {
+                        self.problem(
+                            "api.listen",
+                            format!("{s:?} is not an address:port (e.g. 127.0.0.1:8000), unix:/path or \"\" (off)"),
+                        );
+                        None
+                    }),
+                },
             },
+            max_batch: self
+                .number("api.max_batch", 1.0, 1024.0)
+                .map(|n| n as usize)
+                .unwrap_or(DEFAULT_API_MAX_BATCH),
+            max_queue_delay: Duration::from_micros(
+                self.number("api.max_queue_delay_us", 0.0, 1e7)
+                    .map(|n| n as u64)
+                    .unwrap_or(DEFAULT_API_MAX_QUEUE_DELAY_US),
+            ),
+            max_queue: self
+                .number("api.max_queue", 1.0, 1e6)
+                .map(|n| n as usize)
+                .unwrap_or(DEFAULT_API_MAX_QUEUE),
+            max_body_bytes: self
+                .number("api.max_body_bytes", 1024.0, 1e10)
+                .map(|n| n as u64)
+                .unwrap_or(DEFAULT_API_MAX_BODY_BYTES),
+            max_connections: self
+                .number("api.max_connections", 1.0, 1e6)
+                .map(|n| n as usize)
+                .unwrap_or(DEFAULT_API_MAX_CONNECTIONS),
         };
 
         let energy = EnergyConfig {
@@ -769,7 +839,11 @@ mod tests {
         assert_eq!(c.mqtt.encoding, Encoding::Cbor);
         assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_PATH));
         assert_eq!(c.model.threads, 2);
-        assert_eq!(c.api.listen, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(
+            c.api.listen,
+            Some(ApiListen::Tcp("127.0.0.1:8000".parse().unwrap()))
+        );
+        assert_eq!(c.api.max_batch, DEFAULT_API_MAX_BATCH);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.ota.keep_versions, 3);
         assert!(!c.device_id.is_empty());
@@ -833,7 +907,7 @@ mod tests {
                 format!("{file}: model.threads: 0 is out of range (1..=1024)"),
                 format!("{file}: mqtt.url: \"http://broker\" is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"),
                 "environment PLASTER_MQTT_ENCODING: mqtt.encoding: \"xml\" is not one of cbor, json".to_string(),
-                format!("{dropin}: api.listen: \"everywhere\" is not an address:port (e.g. 127.0.0.1:8000)"),
+                format!("{dropin}: api.listen: \"everywhere\" is not an address:port (e.g. 127.0.0.1:8000), unix:/path or \"\" (off)"),
                 format!("{file}: mqtt.telemetry_intervl_s: unknown key"),
             ]
         );
@@ -866,6 +940,32 @@ mod tests {
                 format!("{f}: fleet: missing: every device belongs to a fleet (e.g. fleet = \"lab\")"),
                 format!("{f}: ota.trusted_keys.k: is not a base64 Ed25519 public key (32 bytes; make one with `plaster-agent keygen`)"),
             ]
+        );
+    }
+
+    #[test]
+    fn the_api_listens_on_tcp_a_unix_socket_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = |value: &str| {
+            let path = write(
+                dir.path(),
+                "agent.toml",
+                &format!("fleet = \"lab\"\n[api]\nlisten = \"{value}\"\n"),
+            );
+            load(&path, []).map(|c| c.api.listen)
+        };
+        assert_eq!(
+            listen("unix:/run/plaster-agent/api.sock"),
+            Ok(Some(ApiListen::Unix("/run/plaster-agent/api.sock".into())))
+        );
+        assert_eq!(listen(""), Ok(None));
+        let e = listen("unix:api.sock").unwrap_err();
+        assert_eq!(
+            messages(e),
+            vec![format!(
+                "{}: api.listen: \"unix:api.sock\": a Unix socket needs an absolute path (unix:/run/plaster-agent/api.sock)",
+                dir.path().join("agent.toml").display()
+            )]
         );
     }
 

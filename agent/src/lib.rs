@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map and invariants.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;

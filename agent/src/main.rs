@@ -61,6 +61,12 @@ fn run_daemon(config_path: &std::path::Path) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
+    // Every API connection is a file descriptor: raise the soft limit to the hard one (systemd
+    // gives 1024 soft, 524288 hard), as a server that bounds its connections itself may.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!("open file limit {n}"),
+        Err(e) => tracing::warn!("raising the open file limit: {e}"),
+    }
     // Inference runs on its own threads; the runtime only moves messages and timers.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -15,6 +15,10 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub telemetry_interval_s: f64,
     pub workload_rate_per_s: f64,
+    /// `api.listen`: by default a port the OS picks (read it with [`Daemon::api_addr`]).
+    pub api_listen: String,
+    /// More TOML under `[api]`.
+    pub api_extra: String,
     /// More TOML appended as is (e.g. an `[energy]` section, TLS files under `[mqtt]`).
     pub mqtt_extra: String,
     pub extra: String,
@@ -29,6 +33,8 @@ impl DaemonConfig {
             state_dir: dir.join("state"),
             telemetry_interval_s: 0.5,
             workload_rate_per_s: 200.0,
+            api_listen: "127.0.0.1:0".to_string(),
+            api_extra: String::new(),
             mqtt_extra: String::new(),
             extra: String::new(),
         }
@@ -51,6 +57,10 @@ url = "{}"
 telemetry_interval_s = {}
 {}
 
+[api]
+listen = "{}"
+{}
+
 [energy]
 sysfs_root = "{}"
 
@@ -64,6 +74,8 @@ rate_per_s = {}
             self.broker_url,
             self.telemetry_interval_s,
             self.mqtt_extra,
+            self.api_listen,
+            self.api_extra,
             dir.join("no-sysfs").display(),
             self.workload_rate_per_s,
             self.extra,
@@ -123,6 +135,22 @@ impl Daemon {
             log: Default::default(),
             status: None,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits until the inference API listens on TCP and returns its `host:port`.
+    pub fn api_addr(&self) -> String {
+        let line = self.wait_for_log("inference API on http://", Duration::from_secs(60));
+        let addr = line
+            .split("inference API on http://")
+            .nth(1)
+            .expect("the address follows")
+            .trim()
+            .to_string();
+        addr
     }
 
     /// Waits until the agent logs a line containing `needle`; returns the line.

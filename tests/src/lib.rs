@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod daemon;
+pub mod http;
 pub mod mqtt;
 pub mod sysfs;
 

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tract_onnx::prelude::*;
 
+use crate::api::metrics::{Metrics, Source};
 use crate::config::ModelConfig;
 use crate::dataset::{Dataset, DatasetError};
 use crate::inference::{
     predicted_labels, select_runtime, InferenceError, ModelSource, OnnxModel, PreparedModel,
+    RuntimeChoice,
 };
 use crate::lock;
 use crate::plaster::accuracy;
@@ -43,6 +45,8 @@ pub struct Engine {
     pub dataset_path: Option<PathBuf>,
     /// Top-1 on the bundle's dataset, measured at load (the workload's replay refines it live).
     pub accuracy_at_load: Option<Accuracy>,
+    /// The runtime the model was prepared on (further plans, e.g. the API's batch sizes, use it).
+    pub choice: RuntimeChoice,
     pub threads: usize,
     pub loaded_at: SystemTime,
 }
@@ -82,6 +86,7 @@ impl Engine {
             dataset: dataset.map(Arc::new),
             dataset_path,
             accuracy_at_load,
+            choice,
             threads: config.threads,
             loaded_at: SystemTime::now(),
         })
@@ -114,6 +119,7 @@ impl Workload {
         engine: &Engine,
         rate_per_s: f64,
         window: SharedWindow,
+        metrics: Arc<Metrics>,
     ) -> Result<Workload, InferenceError> {
         let prepared = engine.prepared.clone();
         let batch = prepared.batch();
@@ -154,6 +160,7 @@ impl Workload {
                         Ok((predicted, labels)) => {
                             window.latency.record(elapsed);
                             window.inferences += batch as u64;
+                            metrics.inferred(Source::Workload, batch as u64, elapsed);
                             if let Some(labels) = labels {
                                 window.labelled += labels.len() as u64;
                                 window.correct += predicted
@@ -166,6 +173,7 @@ impl Workload {
                         }
                         Err(e) => {
                             window.failures += 1;
+                            metrics.failed(Source::Workload);
                             failures += 1;
                             if failures % FAILURE_LOG_EVERY == 1 {
                                 tracing::error!(

@@ -19,6 +19,8 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::metrics::Metrics;
+use crate::api::{self, Listener, Served, Shared};
 use crate::config::Config;
 use crate::inference::RuntimeKind;
 use crate::mqtt::link::{Link, LinkParts, Presence};
@@ -61,6 +63,8 @@ pub enum AppError {
     Producer(#[from] ProducerError),
     #[error("mqtt: {0}")]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Api(#[from] api::BindError),
     #[error("the model loader stopped: {0}")]
     Join(String),
 }
@@ -74,6 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
     let spool = Spool::open(&config.state_dir.join("spool"), config.mqtt.spool_max_bytes)?;
+    let spool = Arc::new(Mutex::new(spool));
     let telemetry_seq = PersistentCounter::open(&config.state_dir.join("telemetry.seq"))?;
     let session_seq = PersistentCounter::open(&config.state_dir.join("session.seq"))?;
     let connection = Connection {
@@ -91,13 +96,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.mqtt.version,
     )?;
 
+    // The API listens from the start: live while the model loads, ready once it is warm. A
+    // taken port fails the start here, before anything else happens.
+    let metrics = Arc::new(Metrics::default());
+    let window = SharedWindow::default();
+    let (served_tx, served_rx) = watch::channel::<Option<Arc<Served>>>(None);
+    let (last_tx, last_rx) = watch::channel(None);
+    let api_cancel = CancellationToken::new();
+    let api_task = match &config.api.listen {
+        Some(listen) => {
+            let listener = Listener::bind(listen).await?;
+            tracing::info!("inference API on {}", listener.describe());
+            let shared = Shared {
+                model: served_rx,
+                metrics: metrics.clone(),
+                last: last_rx,
+                spool: spool.clone(),
+                max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
+            };
+            Some(tokio::spawn(api::serve(
+                listener,
+                api::router(shared),
+                config.api.max_connections,
+                metrics.clone(),
+                api_cancel.clone(),
+            )))
+        }
+        None => None,
+    };
+
     tracing::info!(
         "loading {} on {}",
         config.model.path.display(),
         config.model.device.as_str()
     );
     let model_config = config.model.clone();
-    let load = tokio::task::spawn_blocking(move || Engine::load(&model_config));
+    let load = tokio::task::spawn_blocking(move || Engine::load(&model_config).map(Arc::new));
     tokio::pin!(shutdown);
     let engine = tokio::select! {
         loaded = load => loaded.map_err(|e| AppError::Join(e.to_string()))??,
@@ -119,10 +153,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .unwrap_or_default()
     );
 
+    if api_task.is_some() {
+        let engine = engine.clone();
+        let api_config = config.api.clone();
+        let window = window.clone();
+        let metrics = metrics.clone();
+        let served = tokio::task::spawn_blocking(move || {
+            Served::start(&engine, &api_config, window, metrics)
+        })
+        .await
+        .map_err(|e| AppError::Join(e.to_string()))?;
+        match served {
+            Ok(served) => {
+                tracing::info!(
+                    "inference API serving {} (max batch {})",
+                    served.name,
+                    served.max_batch
+                );
+                served_tx.send_replace(Some(Arc::new(served)));
+            }
+            // Telemetry and the workload go on; the API stays live but never ready.
+            Err(e) => tracing::error!("inference API: {e}; it will not report ready"),
+        }
+    }
+
     let topics = Topics::new(&config.fleet, &config.device_id);
-    let spool = Arc::new(Mutex::new(spool));
     let spooled = Arc::new(Notify::new());
-    let window = SharedWindow::default();
     let meter = {
         let energy = config.energy.clone();
         let runtime = engine.prepared.runtime();
@@ -142,6 +198,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             spooled: spooled.clone(),
             topic: topics.telemetry(),
             encoding: config.mqtt.encoding,
+            last: last_tx,
         },
     )?;
 
@@ -162,7 +219,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             previous: Vec::new(),
             last_result: None,
         },
-        capabilities: capabilities(engine.prepared.runtime(), config.workload.rate_per_s),
+        capabilities: capabilities(
+            engine.prepared.runtime(),
+            config.workload.rate_per_s,
+            api_task.is_some(),
+        ),
     };
     let (_presence_tx, presence_rx) = watch::channel(presence);
 
@@ -200,8 +261,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .unwrap_or_else(|| "synthetic inputs".into())
         );
         Some(
-            Workload::start(&engine, config.workload.rate_per_s, window.clone())
-                .map_err(AppError::Workload)?,
+            Workload::start(
+                &engine,
+                config.workload.rate_per_s,
+                window.clone(),
+                metrics.clone(),
+            )
+            .map_err(AppError::Workload)?,
         )
     } else {
         None
@@ -272,6 +338,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     let drain = async {
+        // Requests in flight are answered; then the batcher's thread answers what is queued
+        // and ends (its drop joins the thread: off the runtime).
+        api_cancel.cancel();
+        if let Some(api_task) = api_task {
+            let _ = api_task.await;
+        }
+        let served = served_tx.send_replace(None);
+        let _ = tokio::task::spawn_blocking(move || drop(served)).await;
         if let Some(workload) = workload {
             let _ = tokio::task::spawn_blocking(move || workload.stop()).await;
         }
@@ -327,8 +401,11 @@ fn energy_meter(
 }
 
 /// What this agent can do, as its birth message lists it.
-fn capabilities(runtime: RuntimeKind, workload_rate: f64) -> Vec<String> {
+fn capabilities(runtime: RuntimeKind, workload_rate: f64, api: bool) -> Vec<String> {
     let mut capabilities = vec![runtime.as_str().to_string(), "telemetry".to_string()];
+    if api {
+        capabilities.push("api".to_string());
+    }
     if workload_rate > 0.0 {
         capabilities.push("workload".to_string());
     }

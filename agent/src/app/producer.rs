@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::engine::{Engine, SharedWindow, Window};
 use crate::config::Encoding;
@@ -63,6 +63,7 @@ pub struct Producer {
     next_seq: u64,
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
+    last: watch::Sender<Option<Arc<Telemetry>>>,
     topic: String,
     encoding: Encoding,
 }
@@ -81,6 +82,8 @@ pub struct ProducerParts {
     pub seq: PersistentCounter,
     pub spool: Arc<Mutex<Spool>>,
     pub spooled: Arc<Notify>,
+    /// Each record, once spooled, for the local API's `/metrics`.
+    pub last: watch::Sender<Option<Arc<Telemetry>>>,
     pub topic: String,
     pub encoding: Encoding,
 }
@@ -128,6 +131,7 @@ impl Producer {
             seq: parts.seq,
             spool: parts.spool,
             spooled: parts.spooled,
+            last: parts.last,
             topic: parts.topic,
             encoding: parts.encoding,
         })
@@ -176,6 +180,7 @@ impl Producer {
         }
         drop(spool);
         self.spooled.notify_one();
+        self.last.send_replace(Some(Arc::new(telemetry)));
         Ok(match pushed {
             Pushed::Stored(_) => Some(seq),
             Pushed::Dropped => None,

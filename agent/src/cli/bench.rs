@@ -52,6 +52,8 @@ pub enum BenchError {
     Inference(#[from] InferenceError),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Target(#[from] super::target::TargetError),
     #[error("writing the report to stdout: {0}")]
     Output(std::io::Error),
     #[error("--batch {requested}: model input \"{input}\" has a fixed batch of {fixed}")]
@@ -214,6 +216,18 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
 
 /// Runs `bench` as the command line does: the report as JSON or as a table on stdout.
 pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    if let Some(target) = &args.target {
+        let report = super::target::run(args, target)?;
+        let text = if args.json {
+            format!(
+                "{}\n",
+                serde_json::to_string(&report).expect("reports always serialize")
+            )
+        } else {
+            super::target::render(&report)
+        };
+        return super::write_stdout(&text).map_err(BenchError::Output);
+    }
     let report = measure(args)?;
     let text = if args.json {
         format!(

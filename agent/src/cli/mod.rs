@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod scorecard;
 pub mod sensors;
+pub mod target;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -114,6 +115,16 @@ pub struct BenchArgs {
     /// time goes (op kind, share, ms per inference, GFLOP/s)
     #[arg(long)]
     pub profile: bool,
+
+    /// Run the scenario against a running server's inference API (Open Inference Protocol)
+    /// instead of in this process: http://HOST:PORT; MODEL gives the name and the inputs
+    #[arg(long, value_name = "URL")]
+    pub target: Option<String>,
+
+    /// With --target: requests kept in flight by the offline scenario and the server
+    /// scenario's rate calibration
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub concurrency: u16,
 
     /// After the run, compare the outputs with the CPU runtime's in f32 on the same inputs
     /// (the dataset's first batches, or synthetic inputs) and report the largest difference

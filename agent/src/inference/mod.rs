@@ -226,7 +226,26 @@ impl PreparedModel {
         self.parameters
     }
 
-    /// The concrete shape of input `ix`.
+    pub fn input_count(&self) -> usize {
+        self.input_facts.len()
+    }
+
+    /// Each output's datum type and concrete shape, as this plan computes it.
+    pub fn output_facts(&self) -> Result<Vec<(DatumType, Vec<usize>)>, InferenceError> {
+        (0..self.runnable.output_count())
+            .map(|ix| {
+                let fact = self.runnable.output_fact(ix).map_err(InferenceError::run)?;
+                Ok((
+                    fact.datum_type,
+                    fact.shape
+                        .as_concrete()
+                        .map(|s| s.to_vec())
+                        .unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
     /// Each input of `model` by name, with the shape this plan takes (what a dataset must fit).
     pub fn named_input_shapes(&self, model: &OnnxModel) -> Vec<(String, Vec<usize>)> {
         model
@@ -237,6 +256,7 @@ impl PreparedModel {
             .collect()
     }
 
+    /// The concrete shape of input `ix`.
     pub fn input_shape(&self, ix: usize) -> Vec<usize> {
         self.input_facts[ix]
             .shape

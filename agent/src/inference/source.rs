@@ -112,6 +112,8 @@ pub struct OnnxModel {
     /// Learned parameters: elements of the floating-point initializers and `Constant` nodes.
     pub parameters: u64,
     pub inputs: Vec<InputSpec>,
+    /// The graph's output names, in order.
+    pub outputs: Vec<String>,
     model: InferenceModel,
 }
 
@@ -129,6 +131,11 @@ impl OnnxModel {
             })?;
         check_is_onnx(&path, &proto)?;
         let parameters = parameters(&proto);
+        let outputs = proto
+            .graph
+            .as_ref()
+            .map(|g| g.output.iter().map(|o| o.name.clone()).collect())
+            .unwrap_or_default();
         let unsupported = unsupported_ops(&onnx, &proto);
         if !unsupported.is_empty() {
             return Err(InferenceError::UnsupportedOps {
@@ -180,6 +187,7 @@ impl OnnxModel {
             sha256,
             parameters,
             inputs,
+            outputs,
             model,
         })
     }
