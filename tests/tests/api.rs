@@ -622,3 +622,105 @@ fn ten_thousand_connections_are_answered_or_shed_with_memory_bounded() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait(Duration::from_secs(15)), Some(0));
 }
+
+#[test]
+fn bench_target_measures_the_served_path_with_the_in_process_accuracy() {
+    use plaster_agent_tests::{agent, expected};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    let (mut daemon, addr) = start(dir.path(), &broker, |_| {});
+    let url = format!("http://{addr}");
+
+    // Single stream through the API: the dataset answered by the agent gives the accuracy
+    // the generating script computed with onnxruntime, to the last sample.
+    let report = agent(&[
+        "bench",
+        "models/digits",
+        "--target",
+        &url,
+        "--duration",
+        "0.5",
+        "--json",
+    ])
+    .json();
+    assert_eq!(report["schema"], "plaster.bench-target/1");
+    assert_eq!(report["scenario"], "single-stream");
+    assert_eq!(report["failed"], 0);
+    assert!(report["requests"].as_u64().unwrap() > 0);
+    assert!(report["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(report["server_compute_us_p50"].as_f64().unwrap() > 0.0);
+    let want = &expected()["digits"]["accuracy"];
+    assert_eq!(report["accuracy_samples"], want["samples"]);
+    assert_eq!(report["accuracy_top1"].as_f64(), want["top1"].as_f64());
+
+    // Server scenario: Poisson arrivals, open loop, against a p99 bound.
+    let report = agent(&[
+        "bench",
+        "models/digits",
+        "--target",
+        &url,
+        "--scenario",
+        "server",
+        "--target-qps",
+        "200",
+        "--latency-bound-ms",
+        "1000",
+        "--duration",
+        "0.5",
+        "--json",
+    ])
+    .json();
+    assert_eq!(report["target_qps"], 200.0);
+    assert_eq!(report["bound_met"], true);
+    assert_eq!(report["failed"], 0);
+
+    // A target that is not an OIP server of this model says so.
+    let run = agent(&[
+        "bench",
+        "models/digits",
+        "--target",
+        "ftp://x",
+        "--duration",
+        "0.1",
+    ]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("--target \"ftp://x\" is not an http://HOST:PORT URL"),
+        "{}",
+        run.stderr
+    );
+    let run = agent(&[
+        "bench",
+        "models/squeezenet/model.onnx",
+        "--target",
+        &url,
+        "--duration",
+        "0.1",
+    ]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("the target does not serve \"squeezenet\": GET /v2/models/squeezenet: 404 Not Found: {\"error\":\"unknown model \\\"squeezenet\\\": this agent serves \\\"digits\\\"\"}"),
+        "{}",
+        run.stderr
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
+fn a_taken_port_fails_the_start_with_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let mut config = DaemonConfig::new(dir.path(), "api-taken", &broker.url());
+    config.api_listen = addr.to_string();
+    let mut daemon = Daemon::start(&config.write(dir.path()));
+    let line = daemon.wait_for_log("error: api.listen", Duration::from_secs(30));
+    assert_eq!(
+        line,
+        format!("error: api.listen http://{addr}: Address already in use (os error 98)")
+    );
+    assert_eq!(daemon.wait(Duration::from_secs(30)), Some(1));
+}

@@ -450,6 +450,23 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+/// A tensor from binary tensor data (little-endian), checked against its shape.
+pub fn tensor_from_le_bytes(
+    datatype: Datatype,
+    shape: &[usize],
+    bytes: &[u8],
+) -> Result<Tensor, ApiError> {
+    let expected = shape.iter().product::<usize>() * datatype.datum_type().size_of();
+    if bytes.len() != expected {
+        return Err(ApiError::bad_request(format!(
+            "{} bytes of {} data for shape {shape:?} ({expected} expected)",
+            bytes.len(),
+            datatype.as_str()
+        )));
+    }
+    from_bytes("output", datatype, shape, bytes)
+}
+
 /// Binary tensor data is little-endian, as the extension specifies.
 fn from_bytes(
     name: &str,

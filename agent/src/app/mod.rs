@@ -165,12 +165,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| AppError::Join(e.to_string()))?;
         match served {
             Ok(served) => {
-                tracing::info!(
-                    "inference API serving {} (max batch {})",
-                    served.name,
-                    served.max_batch
-                );
+                let (name, max_batch) = (served.name.clone(), served.max_batch);
+                // Ready from this send on; the log line says so after the fact.
                 served_tx.send_replace(Some(Arc::new(served)));
+                tracing::info!("inference API serving {name} (max batch {max_batch})");
             }
             // Telemetry and the workload go on; the API stays live but never ready.
             Err(e) => tracing::error!("inference API: {e}; it will not report ready"),

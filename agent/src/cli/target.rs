@@ -23,6 +23,7 @@ use serde::Serialize;
 use tract_onnx::prelude::*;
 
 use super::BenchArgs;
+use crate::api::oip::{self, Datatype};
 use crate::dataset::Dataset;
 use crate::inference::{predicted_labels, ModelSource, OnnxModel};
 use crate::lock;
@@ -92,7 +93,7 @@ struct Query {
 }
 
 struct Answer {
-    first_output: Option<Tensor>,
+    outputs: Vec<Tensor>,
     queue_us: Option<f64>,
     compute_us: Option<f64>,
 }
@@ -128,27 +129,28 @@ impl Target {
         let head: serde_json::Value =
             serde_json::from_slice(&body[..n]).map_err(|e| format!("response JSON: {e}"))?;
         let us = |key: &str| head["parameters"][key].as_f64();
-        let output = &head["outputs"][0];
-        let first_output = match (
-            output["datatype"].as_str(),
-            output["parameters"]["binary_data_size"].as_u64(),
-        ) {
-            (Some("FP32"), Some(size)) => {
-                let shape: Vec<usize> = serde_json::from_value(output["shape"].clone())
-                    .map_err(|e| format!("output shape: {e}"))?;
-                let bytes = body
-                    .get(n..n + size as usize)
-                    .ok_or("binary output shorter than its binary_data_size")?;
-                let values: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Some(Tensor::from_shape(&shape, &values).map_err(|e| e.to_string())?)
-            }
-            _ => None,
-        };
+        // Every output with binary data, decoded (the accuracy pass reads the prediction).
+        let mut outputs = Vec::new();
+        let mut offset = n;
+        for output in head["outputs"].as_array().into_iter().flatten() {
+            let Some(size) = output["parameters"]["binary_data_size"].as_u64() else {
+                continue;
+            };
+            let datatype = output["datatype"]
+                .as_str()
+                .and_then(Datatype::parse)
+                .ok_or_else(|| format!("output datatype {}", output["datatype"]))?;
+            let shape: Vec<usize> = serde_json::from_value(output["shape"].clone())
+                .map_err(|e| format!("output shape: {e}"))?;
+            let bytes = body
+                .get(offset..offset + size as usize)
+                .ok_or("binary output shorter than its binary_data_size")?;
+            offset += size as usize;
+            outputs
+                .push(oip::tensor_from_le_bytes(datatype, &shape, bytes).map_err(|e| e.message)?);
+        }
         Ok(Answer {
-            first_output,
+            outputs,
             queue_us: us("queue_us"),
             compute_us: us("compute_us"),
         })
@@ -535,11 +537,15 @@ async fn accuracy(target: &Target, queries: &[Query]) -> Result<Top1, String> {
             continue;
         };
         let answer = target.send(query).await?;
-        let output = answer
-            .first_output
-            .ok_or("the target answered without an FP32 binary output")?;
-        let predicted =
-            predicted_labels(&[output.into_tvalue()], labels.len()).map_err(|e| e.to_string())?;
+        if answer.outputs.is_empty() {
+            return Err("the target answered without binary outputs".into());
+        }
+        let outputs: TVec<TValue> = answer
+            .outputs
+            .into_iter()
+            .map(Tensor::into_tvalue)
+            .collect();
+        let predicted = predicted_labels(&outputs, labels.len()).map_err(|e| e.to_string())?;
         top1.correct += predicted.iter().zip(labels).filter(|(p, y)| p == y).count();
         top1.samples += labels.len();
     }
