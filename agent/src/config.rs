@@ -31,8 +31,10 @@ pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8000";
 /// Batches of up to 8 samples: most of the throughput gain on small CPUs and GPUs, little
 /// added latency.
 pub const DEFAULT_API_MAX_BATCH: usize = 8;
-/// A batch's first request waits at most half a millisecond for others.
-pub const DEFAULT_API_MAX_QUEUE_DELAY_US: u64 = 500;
+/// A batch takes what is queued when the batcher gets to it and does not wait for more:
+/// under load, requests queue while the previous batch runs, so batches form by themselves,
+/// and a lone request never waits (Triton's default too).
+pub const DEFAULT_API_MAX_QUEUE_DELAY_US: u64 = 0;
 /// Requests waiting for inference at most (beyond: 503, Retry-After).
 pub const DEFAULT_API_MAX_QUEUE: usize = 128;
 /// A batch of 8 SqueezeNet inputs in JSON is about 40 MB; 64 MiB leaves room.
@@ -165,6 +167,8 @@ pub struct ApiConfig {
     pub max_body_bytes: u64,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Inference threads serving the API (each runs `model.threads` intra-op threads).
+    pub instances: usize,
 }
 
 /// `host:port`, or `unix:/path/to/socket`.
@@ -692,6 +696,10 @@ impl Reader<'_> {
                 .number("api.max_connections", 1.0, 1e6)
                 .map(|n| n as usize)
                 .unwrap_or(DEFAULT_API_MAX_CONNECTIONS),
+            instances: self
+                .number("api.instances", 1.0, 256.0)
+                .map(|n| n as usize)
+                .unwrap_or(1),
         };
 
         let energy = EnergyConfig {

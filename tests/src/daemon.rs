@@ -15,6 +15,8 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub telemetry_interval_s: f64,
     pub workload_rate_per_s: f64,
+    /// `model.path`: the digits bundle by default.
+    pub model: PathBuf,
     /// `api.listen`: by default a port the OS picks (read it with [`Daemon::api_addr`]).
     pub api_listen: String,
     /// More TOML under `[api]`.
@@ -33,6 +35,7 @@ impl DaemonConfig {
             state_dir: dir.join("state"),
             telemetry_interval_s: 0.5,
             workload_rate_per_s: 200.0,
+            model: crate::model_path("digits"),
             api_listen: "127.0.0.1:0".to_string(),
             api_extra: String::new(),
             mqtt_extra: String::new(),
@@ -70,7 +73,7 @@ rate_per_s = {}
             self.device_id,
             self.fleet,
             self.state_dir.display(),
-            crate::model_path("digits").display(),
+            self.model.display(),
             self.broker_url,
             self.telemetry_interval_s,
             self.mqtt_extra,

@@ -281,7 +281,7 @@ fn api_results_equal_in_process_inference_on_the_same_inputs() {
     let broker = Broker::start();
     // A long batching window so concurrent requests share batches (and padding is exercised).
     let (mut daemon, addr) = start(dir.path(), &broker, |c| {
-        c.api_extra = "max_queue_delay_us = 50000".into();
+        c.api_extra = "max_queue_delay_us = 50000\ninstances = 2".into();
     });
     let (rows, _, _) = digits_rows(24);
 
@@ -510,6 +510,9 @@ fn the_api_listens_on_a_unix_socket() {
     config.api_listen = format!("unix:{}", socket.display());
     let mut daemon = Daemon::start(&config.write(dir.path()));
     daemon.wait_for_log("inference API serving", READY);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "the agent's group may connect");
     let r = http::request_unix(&socket, "GET", "/v2/health/ready", b"");
     assert_eq!((r.status, r.json()), (200, json!({"ready": true})));
     let (rows, labels, _) = digits_rows(2);
@@ -723,4 +726,70 @@ fn a_taken_port_fails_the_start_with_the_address() {
         format!("error: api.listen http://{addr}: Address already in use (os error 98)")
     );
     assert_eq!(daemon.wait(Duration::from_secs(30)), Some(1));
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_the_rest_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start();
+    // SqueezeNet takes milliseconds per inference: with room for one waiting request, eight
+    // clients at once overflow the queue.
+    let (mut daemon, addr) = start(dir.path(), &broker, |c| {
+        c.model = plaster_agent_tests::model_path("squeezenet");
+        c.api_extra = "max_queue = 1".into();
+    });
+    let meta = http::get(&addr, "/v2/models/squeezenet").json();
+    assert_eq!(meta["inputs"][0]["shape"], json!([1, 3, 224, 224]));
+    let header = json!({"inputs": [{"name": meta["inputs"][0]["name"], "shape": [1, 3, 224, 224],
+                                    "datatype": "FP32", "parameters": {"binary_data_size": 3 * 224 * 224 * 4}}],
+                        "parameters": {"binary_data_output": true}})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for ix in 0..3 * 224 * 224 {
+        body.extend_from_slice(&((ix % 255) as f32 / 255.0).to_le_bytes());
+    }
+    let length = header.len().to_string();
+    let barrier = std::sync::Barrier::new(8);
+    let statuses: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    let r = http::request(
+                        &addr,
+                        "POST",
+                        "/v2/models/squeezenet/infer",
+                        &[("Inference-Header-Content-Length", &length)],
+                        &body,
+                    );
+                    let message = if r.status == 200 {
+                        String::new()
+                    } else {
+                        r.error()
+                    };
+                    (
+                        r.status,
+                        r.header("retry-after").map(str::to_string),
+                        message,
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = statuses.iter().filter(|s| s.0 != 200).collect();
+    assert!(!refused.is_empty(), "no request was refused: {statuses:?}");
+    assert!(statuses.iter().any(|s| s.0 == 200), "{statuses:?}");
+    for (status, retry, message) in refused {
+        assert_eq!(
+            (*status, retry.as_deref(), message.as_str()),
+            (
+                503,
+                Some("1"),
+                "the inference queue is full (api.max_queue); retry after the Retry-After delay"
+            )
+        );
+    }
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(15)), Some(0));
 }

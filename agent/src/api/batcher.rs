@@ -1,5 +1,5 @@
-//! Dynamic batching: requests wait in a bounded queue; one inference thread takes the first,
-//! gathers more until `max_batch` samples or `max_queue_delay` after the first arrived, runs
+//! Dynamic batching: requests wait in a bounded queue; an inference thread (one per
+//! `api.instances`) takes the first, gathers more until `max_batch` samples or `max_queue_delay` after the first arrived, runs
 //! them as one batch on the smallest prepared plan that fits (the rest padded), and answers
 //! each request with its slice of the outputs and its queue and compute times.
 //!
@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub struct Policy {
     pub max_queue_delay: Duration,
     /// Requests waiting at most; more are refused with 503.
     pub max_queue: usize,
+    /// Inference threads taking batches from the queue (each with its own state).
+    pub instances: usize,
 }
 
 /// One request's inputs (each with `batch` on axis 0 when the model has a batch axis).
@@ -77,11 +79,11 @@ pub fn batch_sizes(max_batch: usize) -> Vec<usize> {
     sizes
 }
 
-/// The queue and its inference thread.
+/// The queue and its inference threads.
 pub struct Batcher {
     queue: SyncSender<Job>,
     depth: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Batcher {
@@ -91,30 +93,38 @@ impl Batcher {
         window: SharedWindow,
         metrics: Arc<Metrics>,
     ) -> Result<Batcher, InferenceError> {
-        let sessions = plans
-            .plans
-            .iter()
-            .map(PreparedModel::session)
-            .collect::<Result<Vec<_>, _>>()?;
         let (queue, jobs) = mpsc::sync_channel::<Job>(policy.max_queue.max(1));
+        let jobs = Arc::new(Mutex::new(jobs));
         let depth = Arc::new(AtomicU64::new(0));
-        let mut worker = Worker {
-            plans,
-            sessions,
-            policy,
-            window,
-            metrics,
-            depth: depth.clone(),
-            carry: None,
-        };
-        let thread = std::thread::Builder::new()
-            .name("api-batcher".into())
-            .spawn(move || worker.run(jobs))
-            .map_err(|e| InferenceError::Run(format!("spawning the batcher thread: {e}")))?;
+        let plans = Arc::new(plans);
+        let mut threads = Vec::new();
+        for instance in 0..policy.instances.max(1) {
+            let sessions = plans
+                .plans
+                .iter()
+                .map(PreparedModel::session)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut worker = Worker {
+                plans: plans.clone(),
+                sessions,
+                policy,
+                window: window.clone(),
+                metrics: metrics.clone(),
+                depth: depth.clone(),
+                carry: None,
+            };
+            let jobs = jobs.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("api-batcher-{instance}"))
+                    .spawn(move || worker.run(&jobs))
+                    .map_err(|e| InferenceError::Run(format!("spawning a batcher thread: {e}")))?,
+            );
+        }
         Ok(Batcher {
             queue,
             depth,
-            thread: Some(thread),
+            threads,
         })
     }
 
@@ -146,14 +156,14 @@ impl Drop for Batcher {
     fn drop(&mut self) {
         let (closed, _) = mpsc::sync_channel(0);
         drop(std::mem::replace(&mut self.queue, closed));
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
 struct Worker {
-    plans: Plans,
+    plans: Arc<Plans>,
     sessions: Vec<Session>,
     policy: Policy,
     window: SharedWindow,
@@ -164,42 +174,58 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, jobs: mpsc::Receiver<Job>) {
-        let max_batch = self.plans.max_batch().min(self.policy.max_batch.max(1));
+    fn run(&mut self, jobs: &Mutex<mpsc::Receiver<Job>>) {
         loop {
-            let first = match self.carry.take() {
-                Some(job) => job,
-                None => match jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
+            // One worker gathers at a time. A worker holding a job left over from its last
+            // batch does not wait for the queue (another worker may be blocked on it): it
+            // runs the job alone when the queue is busy.
+            let gathered = match self.carry.take() {
+                Some(first) => match jobs.try_lock() {
+                    Ok(jobs) => self.gather(first, &jobs),
+                    Err(_) => (first.batch, vec![first]),
                 },
-            };
-            let deadline = first.arrived + self.policy.max_queue_delay;
-            let mut samples = first.batch;
-            let mut batch = vec![first];
-            while self.plans.batch_axis && samples < max_batch {
-                let now = Instant::now();
-                let job = if now >= deadline {
-                    match jobs.try_recv() {
-                        Ok(job) => job,
-                        Err(_) => break,
+                None => {
+                    let jobs = lock(jobs);
+                    match jobs.recv() {
+                        Ok(first) => self.gather(first, &jobs),
+                        Err(_) => return,
                     }
-                } else {
-                    match jobs.recv_timeout(deadline - now) {
-                        Ok(job) => job,
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    }
-                };
-                if samples + job.batch > max_batch {
-                    self.carry = Some(job);
-                    break;
                 }
-                samples += job.batch;
-                batch.push(job);
-            }
+            };
+            let (samples, batch) = gathered;
             self.depth.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             self.run_batch(batch, samples);
         }
+    }
+
+    /// Adds queued jobs to `first` until `max_batch` samples or `max_queue_delay` after
+    /// `first` arrived; a job that does not fit is carried to the next batch.
+    fn gather(&mut self, first: Job, jobs: &mpsc::Receiver<Job>) -> (usize, Vec<Job>) {
+        let max_batch = self.plans.max_batch().min(self.policy.max_batch.max(1));
+        let deadline = first.arrived + self.policy.max_queue_delay;
+        let mut samples = first.batch;
+        let mut batch = vec![first];
+        while self.plans.batch_axis && samples < max_batch {
+            let now = Instant::now();
+            let job = if now >= deadline {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            } else {
+                match jobs.recv_timeout(deadline - now) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if samples + job.batch > max_batch {
+                self.carry = Some(job);
+                break;
+            }
+            samples += job.batch;
+            batch.push(job);
+        }
+        (samples, batch)
     }
 
     fn run_batch(&mut self, batch: Vec<Job>, samples: usize) {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod oip;
 
 use std::fmt::Display;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -245,6 +246,7 @@ impl Served {
             max_batch,
             max_queue_delay: config.max_queue_delay,
             max_queue: config.max_queue,
+            instances: config.instances,
         };
         let batcher = Batcher::start(plans, policy, window, metrics)?;
         Ok(Served {
@@ -618,10 +620,11 @@ impl Listener {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(error(e)),
                 }
-                Ok(Listener::Unix(
-                    UnixListener::bind(path).map_err(error)?,
-                    path.clone(),
-                ))
+                let listener = UnixListener::bind(path).map_err(error)?;
+                // Applications in the agent's group may connect (connecting needs write).
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(error)?;
+                Ok(Listener::Unix(listener, path.clone()))
             }
         }
     }

@@ -196,6 +196,12 @@ struct Tally {
 }
 
 impl Tally {
+    /// The tally once every request task has ended (they held the other references).
+    fn take(shared: &Mutex<Tally>) -> Tally {
+        let mut guard = lock(shared);
+        std::mem::take(&mut *guard)
+    }
+
     fn record(&mut self, latency: Duration, answer: Result<Answer, String>) {
         self.requests += 1;
         match answer {
@@ -438,9 +444,7 @@ async fn closed_loop(
         let _ = task.await;
     }
     let elapsed = start.elapsed();
-    let tally = Arc::try_unwrap(tally)
-        .map_or_else(|_| Tally::default(), |m| m.into_inner().unwrap_or_default());
-    (tally, elapsed)
+    (Tally::take(&tally), elapsed)
 }
 
 /// Requests issued at Poisson arrival times at `rate` per second for `duration`, each on its
@@ -486,9 +490,7 @@ async fn open_loop(
         let _ = task.await;
     }
     let elapsed = start.elapsed();
-    let tally = Arc::try_unwrap(tally)
-        .map_or_else(|_| Tally::default(), |m| m.into_inner().unwrap_or_default());
-    (tally, elapsed)
+    (Tally::take(&tally), elapsed)
 }
 
 /// The highest Poisson rate whose p99 meets `bound`, bisecting below `capacity`.
