@@ -513,6 +513,12 @@ impl Reader<'_> {
         Some(v)
     }
 
+    /// A whole count or size in `min..=max`, or `default` when absent (or wrong: the
+    /// problem is recorded).
+    fn count(&mut self, key: &str, min: f64, max: f64, default: u64) -> u64 {
+        self.number(key, min, max).map_or(default, |n| n as u64)
+    }
+
     fn config(&mut self, sources: Vec<PathBuf>) -> Config {
         let device_id = match self.optional_string("device_id") {
             Some(id)
@@ -675,31 +681,28 @@ impl Reader<'_> {
                     }),
                 },
             },
-            max_batch: self
-                .number("api.max_batch", 1.0, 1024.0)
-                .map(|n| n as usize)
-                .unwrap_or(DEFAULT_API_MAX_BATCH),
-            max_queue_delay: Duration::from_micros(
-                self.number("api.max_queue_delay_us", 0.0, 1e7)
-                    .map(|n| n as u64)
-                    .unwrap_or(DEFAULT_API_MAX_QUEUE_DELAY_US),
+            max_batch: self.count("api.max_batch", 1.0, 1024.0, DEFAULT_API_MAX_BATCH as u64)
+                as usize,
+            max_queue_delay: Duration::from_micros(self.count(
+                "api.max_queue_delay_us",
+                0.0,
+                1e7,
+                DEFAULT_API_MAX_QUEUE_DELAY_US,
+            )),
+            max_queue: self.count("api.max_queue", 1.0, 1e6, DEFAULT_API_MAX_QUEUE as u64) as usize,
+            max_body_bytes: self.count(
+                "api.max_body_bytes",
+                1024.0,
+                1e10,
+                DEFAULT_API_MAX_BODY_BYTES,
             ),
-            max_queue: self
-                .number("api.max_queue", 1.0, 1e6)
-                .map(|n| n as usize)
-                .unwrap_or(DEFAULT_API_MAX_QUEUE),
-            max_body_bytes: self
-                .number("api.max_body_bytes", 1024.0, 1e10)
-                .map(|n| n as u64)
-                .unwrap_or(DEFAULT_API_MAX_BODY_BYTES),
-            max_connections: self
-                .number("api.max_connections", 1.0, 1e6)
-                .map(|n| n as usize)
-                .unwrap_or(DEFAULT_API_MAX_CONNECTIONS),
-            instances: self
-                .number("api.instances", 1.0, 256.0)
-                .map(|n| n as usize)
-                .unwrap_or(1),
+            max_connections: self.count(
+                "api.max_connections",
+                1.0,
+                1e6,
+                DEFAULT_API_MAX_CONNECTIONS as u64,
+            ) as usize,
+            instances: self.count("api.instances", 1.0, 256.0, 1) as usize,
         };
 
         let energy = EnergyConfig {

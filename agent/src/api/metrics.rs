@@ -190,34 +190,30 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
     let mut out = String::with_capacity(8192);
     let sources = [Source::Api, Source::Workload];
 
-    family(
+    let per_source =
+        |out: &mut String, name: &str, help: &str, value: &dyn Fn(&PerSource) -> u64| {
+            family(out, name, "counter", help);
+            for s in sources {
+                let _ = writeln!(
+                    out,
+                    "{name}{{source=\"{}\"}} {}",
+                    s.as_str(),
+                    value(metrics.source(s))
+                );
+            }
+        };
+    per_source(
         &mut out,
         "plaster_inferences_total",
-        "counter",
         "Samples inferred, by where the request came from.",
+        &|s| s.inferences.load(Ordering::Relaxed),
     );
-    for s in sources {
-        let v = metrics.source(s).inferences.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "plaster_inferences_total{{source=\"{}\"}} {v}",
-            s.as_str()
-        );
-    }
-    family(
+    per_source(
         &mut out,
         "plaster_inference_failures_total",
-        "counter",
         "Queries the runtime failed to run.",
+        &|s| s.failures.load(Ordering::Relaxed),
     );
-    for s in sources {
-        let v = metrics.source(s).failures.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "plaster_inference_failures_total{{source=\"{}\"}} {v}",
-            s.as_str()
-        );
-    }
     family(&mut out, "plaster_latency_seconds", "histogram", "Latency per query: API requests from arrival to answer (queue and compute), workload batches compute only.");
     for s in sources {
         metrics.source(s).latency.render(

@@ -304,6 +304,20 @@ pub struct Shared {
     pub last: watch::Receiver<Option<Arc<Telemetry>>>,
     pub spool: Arc<Mutex<Spool>>,
     pub max_body_bytes: usize,
+    /// Request bytes being read or decoded at once, in KiB: bodies wait for none of it and
+    /// are refused (503) when it is spent, so many large bodies cannot exhaust memory.
+    pub body_budget: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// The budget for `max_body_bytes`: room for this many bodies of the largest size at once.
+    pub const BODIES_IN_FLIGHT: usize = 4;
+
+    pub fn body_budget(max_body_bytes: usize) -> Arc<Semaphore> {
+        let kib =
+            (max_body_bytes.div_ceil(1024) * Shared::BODIES_IN_FLIGHT).min(Semaphore::MAX_PERMITS);
+        Arc::new(Semaphore::new(kib))
+    }
 }
 
 impl Shared {
@@ -461,6 +475,26 @@ async fn run_inference(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Reserve the body's size (declared, else the largest allowed) before reading it.
+    let declared = content_length(headers).unwrap_or(shared.max_body_bytes as u64);
+    let kib = u32::try_from(
+        declared
+            .min(shared.max_body_bytes as u64)
+            .div_ceil(1024)
+            .max(1),
+    )
+    .unwrap_or(u32::MAX);
+    let _reserved = shared
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| {
+            shared.metrics.shed_queue_full();
+            ApiError::unavailable(
+                "too many large requests are being read at once; retry after the Retry-After delay"
+                    .into(),
+            )
+        })?;
     let body = read_body(headers, body, shared.max_body_bytes).await?;
     let header_length = match headers.get(oip::HEADER_LENGTH) {
         None => None,
@@ -529,13 +563,16 @@ async fn run_inference(
     Ok(response)
 }
 
-/// Reads a body of at most `limit` bytes; a declared or actual larger one is answered 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads a body of at most `limit` bytes; a declared or actual larger one is answered 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    if content_length(headers).is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
     match Limited::new(body, limit).collect().await {
@@ -781,6 +818,7 @@ mod tests {
             last,
             spool: Arc::new(Mutex::new(Spool::open(dir.path(), 1 << 20).unwrap())),
             max_body_bytes: 1 << 20,
+            body_budget: Shared::body_budget(1 << 20),
         });
         let (status, _, body) = call(&router, "GET", "/v2/health/live").await;
         assert_eq!(

@@ -545,16 +545,37 @@ fn from_json(
 /// NaN and infinity are not inputs a model was trained on: refuse them instead of answering
 /// with garbage (JSON cannot carry them; binary data can).
 fn check_finite(name: &str, tensor: &Tensor) -> Result<(), ApiError> {
-    let values = tensor.cast_to::<f64>().map_err(ApiError::internal)?;
-    let values = values
-        .to_plain_array_view::<f64>()
-        .map_err(ApiError::internal)?;
-    if let Some((ix, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(ApiError::bad_request(format!(
-            "input \"{name}\": element {ix} is {v}; inputs must be finite numbers"
-        )));
+    fn first_bad<T: Datum + Copy>(
+        tensor: &Tensor,
+        finite: impl Fn(T) -> bool,
+    ) -> Option<(usize, String)>
+    where
+        T: std::fmt::Display,
+    {
+        let values = tensor.to_plain_array_view::<T>().ok()?;
+        values.iter().position(|v| !finite(*v)).map(|ix| {
+            (
+                ix,
+                values
+                    .iter()
+                    .nth(ix)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            )
+        })
     }
-    Ok(())
+    let bad = match tensor.datum_type() {
+        DatumType::F16 => first_bad::<f16>(tensor, |v| v.to_f32().is_finite()),
+        DatumType::F32 => first_bad::<f32>(tensor, f32::is_finite),
+        DatumType::F64 => first_bad::<f64>(tensor, f64::is_finite),
+        _ => None,
+    };
+    match bad {
+        Some((ix, v)) => Err(ApiError::bad_request(format!(
+            "input \"{name}\": element {ix} is {v}; inputs must be finite numbers"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// One output of a response.

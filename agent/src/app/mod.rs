@@ -106,13 +106,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let api_task = match &config.api.listen {
         Some(listen) => {
             let listener = Listener::bind(listen).await?;
+            let max_body_bytes = usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX);
             tracing::info!("inference API on {}", listener.describe());
             let shared = Shared {
                 model: served_rx,
                 metrics: metrics.clone(),
                 last: last_rx,
                 spool: spool.clone(),
-                max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
+                max_body_bytes,
+                body_budget: Shared::body_budget(max_body_bytes),
             };
             Some(tokio::spawn(api::serve(
                 listener,
