@@ -545,24 +545,13 @@ fn from_json(
 /// NaN and infinity are not inputs a model was trained on: refuse them instead of answering
 /// with garbage (JSON cannot carry them; binary data can).
 fn check_finite(name: &str, tensor: &Tensor) -> Result<(), ApiError> {
-    fn first_bad<T: Datum + Copy>(
+    fn first_bad<T: Datum + Copy + std::fmt::Display>(
         tensor: &Tensor,
         finite: impl Fn(T) -> bool,
-    ) -> Option<(usize, String)>
-    where
-        T: std::fmt::Display,
-    {
+    ) -> Option<(usize, String)> {
         let values = tensor.to_plain_array_view::<T>().ok()?;
-        values.iter().position(|v| !finite(*v)).map(|ix| {
-            (
-                ix,
-                values
-                    .iter()
-                    .nth(ix)
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-            )
-        })
+        let bad = values.iter().enumerate().find(|(_, v)| !finite(**v));
+        bad.map(|(ix, v)| (ix, v.to_string()))
     }
     let bad = match tensor.datum_type() {
         DatumType::F16 => first_bad::<f16>(tensor, |v| v.to_f32().is_finite()),
