@@ -96,6 +96,7 @@ pub struct Metrics {
     /// Requests refused because the queue was full (503) or the connection limit reached.
     shed_queue_full: AtomicU64,
     shed_connections: AtomicU64,
+    shed_body_budget: AtomicU64,
     /// Samples in batches the batcher ran, and batches: their ratio is the mean batch size.
     batched_samples: AtomicU64,
     batches: AtomicU64,
@@ -142,6 +143,10 @@ impl Metrics {
 
     pub fn shed_connection(&self) {
         self.shed_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn shed_body_budget(&self) {
+        self.shed_body_budget.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -263,6 +268,11 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
         out,
         "plaster_api_shed_total{{reason=\"connections\"}} {}",
         metrics.shed_connections.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "plaster_api_shed_total{{reason=\"body_budget\"}} {}",
+        metrics.shed_body_budget.load(Ordering::Relaxed)
     );
     family(
         &mut out,

@@ -455,8 +455,7 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let served = shared.served(&name, None)?;
-    run_inference(&shared, served, &headers, body).await
+    run_inference(&shared, &name, None, &headers, body).await
 }
 
 async fn infer_version(
@@ -465,17 +464,17 @@ async fn infer_version(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let served = shared.served(&name, Some(&version))?;
-    run_inference(&shared, served, &headers, body).await
+    run_inference(&shared, &name, Some(&version), &headers, body).await
 }
 
 async fn run_inference(
     shared: &Shared,
-    served: Arc<Served>,
+    name: &str,
+    version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // Reserve the body's size (declared, else the largest allowed) before reading it.
+    // Reserve the body's size (declared, else the largest allowed) before anything else.
     let declared = content_length(headers).unwrap_or(shared.max_body_bytes as u64);
     let kib = u32::try_from(
         declared
@@ -489,12 +488,13 @@ async fn run_inference(
         .clone()
         .try_acquire_many_owned(kib)
         .map_err(|_| {
-            shared.metrics.shed_queue_full();
+            shared.metrics.shed_body_budget();
             ApiError::unavailable(
                 "too many large requests are being read at once; retry after the Retry-After delay"
                     .into(),
             )
         })?;
+    let served = shared.served(name, version)?;
     let body = read_body(headers, body, shared.max_body_bytes).await?;
     let header_length = match headers.get(oip::HEADER_LENGTH) {
         None => None,
@@ -845,6 +845,48 @@ mod tests {
         assert!(
             body.contains("plaster_api_responses_total{code=\"5xx\"} 1"),
             "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spent_body_budget_refuses_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_model_tx, model) = watch::channel(None);
+        let (_last_tx, last) = watch::channel(None);
+        let budget = Shared::body_budget(1 << 20);
+        let shared = Shared {
+            model,
+            metrics: Arc::default(),
+            last,
+            spool: Arc::new(Mutex::new(Spool::open(dir.path(), 1 << 20).unwrap())),
+            max_body_bytes: 1 << 20,
+            body_budget: budget.clone(),
+        };
+        let router = router(shared);
+        // Four 1 MiB bodies are being read: a fifth waits for none of it.
+        let held = budget.clone().try_acquire_many_owned(4 << 10).unwrap();
+        let (status, headers, body) = call(&router, "POST", "/v2/models/digits/infer").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"too many large requests are being read at once; retry after the Retry-After delay"}"#
+            )
+        );
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        drop(held);
+        let (status, _, body) = call(&router, "POST", "/v2/models/digits/infer").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"the model is still loading"}"#
+            )
+        );
+        let (_, _, metrics) = call(&router, "GET", "/metrics").await;
+        assert!(
+            metrics.contains("plaster_api_shed_total{reason=\"body_budget\"} 1"),
+            "{metrics}"
         );
     }
 
