@@ -183,6 +183,12 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A family with one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, value: Option<f64>) {
     if let Some(value) = value.filter(|v| v.is_finite()) {
         family(out, name, "gauge", help);
@@ -274,35 +280,27 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
         "plaster_api_shed_total{{reason=\"body_budget\"}} {}",
         metrics.shed_body_budget.load(Ordering::Relaxed)
     );
-    family(
+    single(
         &mut out,
         "plaster_api_batches_total",
         "counter",
         "Batches the dynamic batcher ran.",
+        metrics.batches.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "plaster_api_batches_total {}",
-        metrics.batches.load(Ordering::Relaxed)
-    );
-    family(
+    single(
         &mut out,
         "plaster_api_batched_samples_total",
         "counter",
         "Samples in those batches (divide by batches for the mean batch size).",
+        metrics.batched_samples.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "plaster_api_batched_samples_total {}",
-        metrics.batched_samples.load(Ordering::Relaxed)
-    );
-    family(
+    single(
         &mut out,
         "plaster_api_queue_depth",
         "gauge",
         "Requests waiting for the batcher now.",
+        snapshot.queue_depth,
     );
-    let _ = writeln!(out, "plaster_api_queue_depth {}", snapshot.queue_depth);
 
     if let Some(model) = &snapshot.model {
         family(
@@ -413,13 +411,13 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
             "Sequence number of the last telemetry record.",
             Some(t.seq as f64),
         );
-        family(
+        single(
             &mut out,
             "plaster_telemetry_dropped_total",
             "counter",
             "Telemetry records dropped because the spool was full.",
+            t.spool_dropped,
         );
-        let _ = writeln!(out, "plaster_telemetry_dropped_total {}", t.spool_dropped);
         if !t.temperatures_c.is_empty() {
             family(
                 &mut out,
@@ -436,20 +434,20 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
             );
         }
     }
-    family(
+    single(
         &mut out,
         "plaster_spool_records",
         "gauge",
         "Telemetry records waiting for the broker.",
+        snapshot.spool_records,
     );
-    let _ = writeln!(out, "plaster_spool_records {}", snapshot.spool_records);
-    family(
+    single(
         &mut out,
         "plaster_spool_bytes",
         "gauge",
         "Bytes of telemetry waiting for the broker.",
+        snapshot.spool_bytes,
     );
-    let _ = writeln!(out, "plaster_spool_bytes {}", snapshot.spool_bytes);
     out
 }
 

@@ -417,6 +417,19 @@ fn build_queries(
     }
 }
 
+/// Waits for every request task of a run, then hands back what they tallied and how long
+/// the run took.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tally: &Mutex<Tally>,
+    start: tokio::time::Instant,
+) -> (Tally, Duration) {
+    for task in tasks {
+        let _ = task.await;
+    }
+    (Tally::take(tally), start.elapsed())
+}
+
 /// `workers` clients, each sending its next request when the previous one is answered.
 async fn closed_loop(
     target: &Target,
@@ -440,11 +453,7 @@ async fn closed_loop(
             }
         }));
     }
-    for task in tasks {
-        let _ = task.await;
-    }
-    let elapsed = start.elapsed();
-    (Tally::take(&tally), elapsed)
+    finish(tasks, &tally, start.into()).await
 }
 
 /// Requests issued at Poisson arrival times at `rate` per second for `duration`, each on its
@@ -486,11 +495,7 @@ async fn open_loop(
             tally.record(latency, answer);
         }));
     }
-    for task in tasks {
-        let _ = task.await;
-    }
-    let elapsed = start.elapsed();
-    (Tally::take(&tally), elapsed)
+    finish(tasks, &tally, start).await
 }
 
 /// The highest Poisson rate whose p99 meets `bound`, bisecting below `capacity`.
