@@ -806,7 +806,7 @@ pub fn summary(config: &Config) -> String {
 }
 
 /// 32 bytes of standard base64 (44 characters with padding).
-fn is_ed25519_public_key(s: &str) -> bool {
+pub(crate) fn is_ed25519_public_key(s: &str) -> bool {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let bytes = s.as_bytes();
     bytes.len() == 44

@@ -2,6 +2,7 @@
 //! commands") and one module per command.
 
 pub mod bench;
+pub mod keygen;
 pub mod scorecard;
 pub mod sensors;
 pub mod target;
@@ -46,6 +47,8 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// A live table of a fleet's PLASTER telemetry, read from the broker
     Watch(watch::WatchArgs),
+    /// Make an Ed25519 key pair for signing model pushes (PREFIX.key, PREFIX.pub)
+    Keygen(keygen::KeygenArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
