@@ -99,23 +99,19 @@ struct Answer {
 }
 
 impl Target {
-    async fn send(&self, query: &Query) -> Result<Answer, String> {
-        let request = hyper::Request::post(&self.infer)
-            .header("content-type", "application/octet-stream")
-            .header("inference-header-content-length", &query.header_length)
-            .body(Full::new(query.body.clone()))
-            .map_err(|e| e.to_string())?;
+    /// Sends `request`; the headers and whole body of a 2xx answer, else the status and body
+    /// as the error.
+    async fn fetch(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(hyper::HeaderMap, Bytes), String> {
         let response = self
             .client
             .request(request)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
-        let header_length = response
-            .headers()
-            .get("inference-header-content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
+        let headers = response.headers().clone();
         let body = response
             .into_body()
             .collect()
@@ -125,6 +121,20 @@ impl Target {
         if !status.is_success() {
             return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
         }
+        Ok((headers, body))
+    }
+
+    async fn send(&self, query: &Query) -> Result<Answer, String> {
+        let request = hyper::Request::post(&self.infer)
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", &query.header_length)
+            .body(Full::new(query.body.clone()))
+            .map_err(|e| e.to_string())?;
+        let (headers, body) = self.fetch(request).await?;
+        let header_length = headers
+            .get("inference-header-content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
         let n = header_length.unwrap_or(body.len()).min(body.len());
         let head: serde_json::Value =
             serde_json::from_slice(&body[..n]).map_err(|e| format!("response JSON: {e}"))?;
@@ -161,24 +171,10 @@ impl Target {
         let request = hyper::Request::get(&uri)
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
-        let response = self
-            .client
-            .request(request)
+        let (_, body) = self
+            .fetch(request)
             .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "GET {path}: {status}: {}",
-                String::from_utf8_lossy(&body)
-            ));
-        }
+            .map_err(|e| format!("GET {path}: {e}"))?;
         serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))
     }
 }
