@@ -41,6 +41,8 @@ pub const DEFAULT_API_MAX_QUEUE: usize = 128;
 pub const DEFAULT_API_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Connections served at once (each costs a task and its buffers; beyond: 503).
 pub const DEFAULT_API_MAX_CONNECTIONS: usize = 512;
+/// One inference thread for the API: the rest of the cores stay with the application.
+pub const DEFAULT_API_INSTANCES: usize = 1;
 /// Two threads leave a Jetson Nano's other two cores to the application.
 pub const DEFAULT_THREADS: usize = 2;
 /// PROTOCOL.md: a pushed model may lose at most one point of accuracy.
@@ -702,7 +704,8 @@ impl Reader<'_> {
                 1e6,
                 DEFAULT_API_MAX_CONNECTIONS as u64,
             ) as usize,
-            instances: self.count("api.instances", 1.0, 256.0, 1) as usize,
+            instances: self.count("api.instances", 1.0, 256.0, DEFAULT_API_INSTANCES as u64)
+                as usize,
         };
 
         let energy = EnergyConfig {

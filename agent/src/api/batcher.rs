@@ -81,7 +81,8 @@ pub fn batch_sizes(max_batch: usize) -> Vec<usize> {
 
 /// The queue and its inference threads.
 pub struct Batcher {
-    queue: SyncSender<Job>,
+    /// `None` only while dropping: closing it lets the threads drain and end.
+    queue: Option<SyncSender<Job>>,
     depth: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -122,7 +123,7 @@ impl Batcher {
             );
         }
         Ok(Batcher {
-            queue,
+            queue: Some(queue),
             depth,
             threads,
         })
@@ -130,19 +131,16 @@ impl Batcher {
 
     /// Queues a job, or refuses it at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        let unloading = || ApiError::unavailable("the model is being unloaded".into());
+        let queue = self.queue.as_ref().ok_or_else(unloading)?;
         self.depth.fetch_add(1, Ordering::Relaxed);
-        match self.queue.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => ApiError::queue_full(),
-                    TrySendError::Disconnected(_) => {
-                        ApiError::unavailable("the model is being unloaded".into())
-                    }
-                })
+        queue.try_send(job).map_err(|e| {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                TrySendError::Full(_) => ApiError::queue_full(),
+                TrySendError::Disconnected(_) => unloading(),
             }
-        }
+        })
     }
 
     /// Requests waiting now.
@@ -154,8 +152,7 @@ impl Batcher {
 impl Drop for Batcher {
     /// Closes the queue; the thread answers what is queued, then ends.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::sync_channel(0);
-        drop(std::mem::replace(&mut self.queue, closed));
+        drop(self.queue.take());
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

@@ -31,8 +31,8 @@ use crate::plaster::accuracy::Top1;
 use crate::plaster::latency::{LatencyRecorder, LatencySummary};
 use crate::plaster::scenario::Scenario;
 
-/// Distinct request bodies cycled through a run.
-const BODY_POOL: usize = 64;
+/// Distinct synthetic request bodies cycled through a run (a model without a dataset).
+const SYNTHETIC_POOL: usize = 8;
 /// Warm-up requests before measuring (connections open, server caches warm).
 const WARMUP_REQUESTS: usize = 20;
 /// Bisection probes of `--find-peak`.
@@ -406,7 +406,7 @@ fn build_queries(
             use rand::Rng;
             let mut rng = rand::rngs::StdRng::seed_from_u64(0);
             let n: usize = shape.iter().product();
-            Ok((0..BODY_POOL.min(8))
+            Ok((0..SYNTHETIC_POOL)
                 .map(|_| make((0..n).map(|_| rng.gen::<f32>()).collect(), None))
                 .collect())
         }
