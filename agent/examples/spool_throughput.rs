@@ -92,6 +92,8 @@ fn main() {
             presence,
             drain_timeout: Duration::from_secs(5),
             broker: url.to_string(),
+            // No update task in this benchmark: pushes are not subscribed to here.
+            updates: tokio::sync::mpsc::channel(1).0,
         });
         let cancel = tokio_util::sync::CancellationToken::new();
         let start = Instant::now();

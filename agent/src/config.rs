@@ -51,6 +51,20 @@ pub const DEFAULT_MAX_ACCURACY_DROP: f64 = 0.01;
 pub const DEFAULT_CANARY_S: u64 = 300;
 /// Previous versions kept for rollback.
 pub const DEFAULT_KEEP_VERSIONS: u64 = 3;
+/// The largest bundle a device accepts: a model-zoo CNN with its dataset is tens of MB; a
+/// Jetson's state partition is a few GB.
+pub const DEFAULT_MAX_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
+/// PROTOCOL.md: after a pause in chunks of 10 s the device reports what is missing.
+pub const DEFAULT_CHUNK_PAUSE_S: f64 = 10.0;
+/// PROTOCOL.md: a transfer still incomplete after 10 minutes is dropped.
+pub const DEFAULT_TRANSFER_DEADLINE_S: f64 = 600.0;
+/// The canary rolls back when p90 latency grows by more than half over the previous version's
+/// (well beyond window-to-window noise, which stays within about 20 % here).
+pub const DEFAULT_CANARY_MAX_LATENCY_INCREASE: f64 = 0.5;
+/// ... or joules per inference by more than half.
+pub const DEFAULT_CANARY_MAX_ENERGY_INCREASE: f64 = 0.5;
+/// ... or more than 1 % of inferences fail.
+pub const DEFAULT_CANARY_MAX_ERROR_RATE: f64 = 0.01;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,6 +217,12 @@ pub struct OtaConfig {
     pub max_accuracy_drop: f64,
     pub canary: Duration,
     pub keep_versions: u64,
+    pub max_bundle_bytes: u64,
+    pub chunk_pause: Duration,
+    pub transfer_deadline: Duration,
+    pub canary_max_latency_increase: f64,
+    pub canary_max_energy_increase: f64,
+    pub canary_max_error_rate: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -762,6 +782,29 @@ impl Reader<'_> {
                 .number("ota.keep_versions", 0.0, 100.0)
                 .map(|n| n as u64)
                 .unwrap_or(DEFAULT_KEEP_VERSIONS),
+            max_bundle_bytes: self.count(
+                "ota.max_bundle_bytes",
+                1024.0,
+                1e12,
+                DEFAULT_MAX_BUNDLE_BYTES,
+            ),
+            chunk_pause: Duration::from_secs_f64(
+                self.number("ota.chunk_pause_s", 0.1, 3600.0)
+                    .unwrap_or(DEFAULT_CHUNK_PAUSE_S),
+            ),
+            transfer_deadline: Duration::from_secs_f64(
+                self.number("ota.transfer_deadline_s", 1.0, 7.0 * 86_400.0)
+                    .unwrap_or(DEFAULT_TRANSFER_DEADLINE_S),
+            ),
+            canary_max_latency_increase: self
+                .number("ota.canary_max_latency_increase", 0.0, 1000.0)
+                .unwrap_or(DEFAULT_CANARY_MAX_LATENCY_INCREASE),
+            canary_max_energy_increase: self
+                .number("ota.canary_max_energy_increase", 0.0, 1000.0)
+                .unwrap_or(DEFAULT_CANARY_MAX_ENERGY_INCREASE),
+            canary_max_error_rate: self
+                .number("ota.canary_max_error_rate", 0.0, 1.0)
+                .unwrap_or(DEFAULT_CANARY_MAX_ERROR_RATE),
         };
         let workload = WorkloadConfig {
             rate_per_s: self.number("workload.rate_per_s", 0.0, 1e6).unwrap_or(0.0),

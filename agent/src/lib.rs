@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod device;
 pub mod inference;
 pub mod mqtt;
+pub mod ota;
 pub mod plaster;
 pub mod sensors;
 pub mod telemetry;

@@ -23,6 +23,8 @@ fn main() -> ExitCode {
         Command::Sensors(args) => cli::sensors::run(args).map_err(anyhow::Error::from),
         Command::Watch(args) => cli::watch::run(args).map_err(anyhow::Error::from),
         Command::Keygen(args) => cli::keygen::run(args).map_err(anyhow::Error::from),
+        Command::Push(args) => cli::push::run_push(args).map_err(anyhow::Error::from),
+        Command::Rollback(args) => cli::push::run_rollback(args).map_err(anyhow::Error::from),
         Command::Run(args) => return run_daemon(&args.config),
         Command::CheckConfig(args) => {
             return match plaster_agent::config::load(&args.config, std::env::vars()) {

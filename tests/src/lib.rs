@@ -5,6 +5,7 @@ pub mod broker;
 pub mod daemon;
 pub mod http;
 pub mod mqtt;
+pub mod ota;
 pub mod sysfs;
 
 use std::path::{Path, PathBuf};

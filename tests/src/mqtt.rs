@@ -20,14 +20,50 @@ impl Message {
         if self.payload.first() == Some(&b'{') {
             serde_json::from_slice(&self.payload).expect("JSON payload")
         } else {
-            ciborium::from_reader(self.payload.as_slice()).unwrap_or_else(|e| {
-                panic!(
-                    "payload on {} is not CBOR ({e}): {}",
-                    self.topic,
-                    hex::encode(&self.payload)
-                )
-            })
+            let value: ciborium::Value =
+                ciborium::from_reader(self.payload.as_slice()).unwrap_or_else(|e| {
+                    panic!(
+                        "payload on {} is not CBOR ({e}): {}",
+                        self.topic,
+                        hex::encode(&self.payload)
+                    )
+                });
+            cbor_to_json(value)
         }
+    }
+}
+
+/// A CBOR value as JSON: byte strings (transfer ids) become arrays of numbers.
+pub fn cbor_to_json(value: ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::Value as J;
+    match value {
+        C::Bytes(bytes) => J::Array(bytes.into_iter().map(J::from).collect()),
+        C::Array(items) => J::Array(items.into_iter().map(cbor_to_json).collect()),
+        C::Map(entries) => J::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        C::Text(t) => t,
+                        other => format!("{other:?}"),
+                    };
+                    (key, cbor_to_json(v))
+                })
+                .collect(),
+        ),
+        C::Tag(_, inner) => cbor_to_json(*inner),
+        C::Integer(i) => {
+            let i = i128::from(i);
+            u64::try_from(i)
+                .map(J::from)
+                .or_else(|_| i64::try_from(i).map(J::from))
+                .unwrap_or(J::Null)
+        }
+        C::Float(f) => J::from(f),
+        C::Text(t) => J::String(t),
+        C::Bool(b) => J::Bool(b),
+        _ => J::Null,
     }
 }
 

@@ -233,19 +233,19 @@ fn bad_commands_are_refused_with_the_reason_and_rebirth_republishes() {
     };
     check(
         b"\xa1\x64type".to_vec(),
-        "not a CBOR command map with a \"type\": the payload ends early; ignored",
+        "command: the payload ends early; ignored",
     );
     check(
         br#"{"type": "rebirth""#.to_vec(),
-        "not a JSON command object with a \"type\": EOF while parsing an object at line 1 column 18; ignored",
+        "command: not a JSON object: EOF while parsing an object at line 1 column 18; ignored",
     );
     check(
         br#"{"type": "self-destruct"}"#.to_vec(),
-        "unknown command type \"self-destruct\" (this agent knows: \"rebirth\"); ignored",
+        "command: unknown type \"self-destruct\" (this agent knows \"rebirth\" and \"rollback\"); ignored",
     );
     check(
         vec![b'{'; 200 * 1024],
-        "message of 204800 bytes exceeds the 65536-byte command limit; ignored",
+        "message of 204800 bytes exceeds the 65536-byte limit; ignored",
     );
     // Still serving: telemetry keeps coming after the bad input.
     telemetry(&sub, device);

@@ -117,6 +117,16 @@ impl Metrics {
         s.latency.record(latency);
     }
 
+    /// Inferences and failures from every source since start (the canary's error rate).
+    pub fn totals(&self) -> (u64, u64) {
+        [&self.api, &self.workload].iter().fold((0, 0), |(n, f), s| {
+            (
+                n + s.inferences.load(Ordering::Relaxed),
+                f + s.failures.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     pub fn failed(&self, source: Source) {
         self.source(source).failures.fetch_add(1, Ordering::Relaxed);
     }

@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod producer;
+pub mod serving;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,13 +28,17 @@ use crate::mqtt::link::{Link, LinkParts, Presence};
 use crate::mqtt::options::{Connection, MqttError};
 use crate::mqtt::session::AnySession;
 use crate::mqtt::topics::Topics;
+use crate::ota::store::{Release, Store};
+use crate::ota::updater::Learned;
+use crate::ota::{Updater, UpdaterParts};
 use crate::plaster::energy::EnergyMeter;
 use crate::sensors::sampler::best_meter;
 use crate::sensors::DiscoveryOptions;
 use crate::telemetry::counter::{CounterError, PersistentCounter};
 use crate::telemetry::record::{rfc3339, ActiveModel, ModelRef, ModelState};
 use crate::telemetry::spool::{Spool, SpoolError};
-use engine::{Engine, EngineError, SharedWindow, Workload};
+use engine::{EngineError, SharedWindow, Workload};
+use serving::{load_engine, Active, Serving};
 use producer::{Producer, ProducerError, ProducerParts};
 
 /// How long a drain may take in all (systemd's default stop timeout is 90 s; fleets set
@@ -43,6 +48,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const DRAIN_FLUSH: Duration = Duration::from_secs(5);
 /// Idle power is measured this long at start, before the workload runs.
 const IDLE_WINDOW: Duration = Duration::from_secs(1);
+/// Push messages waiting for the update task; beyond this the MQTT link waits.
+const UPDATE_QUEUE: usize = 16;
 /// The main loop is unhealthy (and stops feeding the watchdog) when no telemetry window
 /// closed for this many intervals.
 const STALL_INTERVALS: u32 = 3;
@@ -77,6 +84,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         message: e.to_string(),
     };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
+    let store = Store::open(&config.state_dir).map_err(state_error)?;
     let spool = Spool::open(&config.state_dir.join("spool"), config.mqtt.spool_max_bytes)?;
     let spool = Arc::new(Mutex::new(spool));
     let telemetry_seq = PersistentCounter::open(&config.state_dir.join("telemetry.seq"))?;
@@ -127,13 +135,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
+    // An update's active version wins over the configured first model.
+    let installed = store.active();
+    let mut model_config = config.model.clone();
+    let release: Option<Release> = installed.as_ref().map(|i| i.release.clone());
+    if let Some(installed) = &installed {
+        model_config.path = store.active_path();
+        tracing::info!(
+            "active version: {} v{} ({})",
+            installed.release.name,
+            installed.release.version,
+            installed.dir.display()
+        );
+    }
     tracing::info!(
         "loading {} on {}",
-        config.model.path.display(),
+        model_config.path.display(),
         config.model.device.as_str()
     );
-    let model_config = config.model.clone();
-    let load = tokio::task::spawn_blocking(move || Engine::load(&model_config).map(Arc::new));
+    let load = {
+        let release = release.clone();
+        tokio::task::spawn_blocking(move || load_engine(&model_config, release.as_ref()).map(Arc::new))
+    };
     tokio::pin!(shutdown);
     let engine = tokio::select! {
         loaded = load => loaded.map_err(|e| AppError::Join(e.to_string()))??,
@@ -154,22 +177,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map(|a| format!(", top-1 {:.4} on {} samples", a.value, a.samples))
             .unwrap_or_default()
     );
+    let active = Arc::new(Active {
+        engine: engine.clone(),
+        activated_at: engine.loaded_at,
+        release,
+    });
+    let (active_tx, active_rx) = watch::channel(active.clone());
+    let serving = Arc::new(Serving {
+        api: api_task.as_ref().map(|_| config.api.clone()),
+        served_tx,
+        workload: Mutex::new(None),
+        workload_rate_per_s: config.workload.rate_per_s,
+        window: window.clone(),
+        metrics: metrics.clone(),
+        active_tx,
+    });
 
     if api_task.is_some() {
-        let engine = engine.clone();
-        let api_config = config.api.clone();
-        let window = window.clone();
-        let metrics = metrics.clone();
-        let served = tokio::task::spawn_blocking(move || {
-            Served::start(&engine, &api_config, window, metrics)
-        })
-        .await
-        .map_err(|e| AppError::Join(e.to_string()))?;
-        match served {
+        let prepared = {
+            let (serving, active) = (serving.clone(), active.clone());
+            tokio::task::spawn_blocking(move || serving.prepare(&active))
+                .await
+                .map_err(|e| AppError::Join(e.to_string()))?
+        };
+        match prepared {
             Ok(served) => {
+                let served = served.expect("the API is on");
                 let (name, max_batch) = (served.name.clone(), served.max_batch);
                 // Ready from this send on; the log line says so after the fact.
-                served_tx.send_replace(Some(Arc::new(served)));
+                serving.served_tx.send_replace(Some(Arc::new(served)));
                 tracing::info!("inference API serving {name} (max batch {max_batch})");
             }
             // Telemetry and the workload go on; the API stays live but never ready.
@@ -186,10 +222,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .map_err(|e| AppError::Join(e.to_string()))?
     };
+    let learned = Arc::new(Mutex::new(Learned::load(&config.state_dir)));
     let mut producer = Producer::new(
-        &engine,
         ProducerParts {
             device_id: config.device_id.clone(),
+            active: active_rx,
+            learned: learned.clone(),
             window: window.clone(),
             meter,
             sysfs_root: config.energy.sysfs_root.clone(),
@@ -201,10 +239,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             last: last_tx,
         },
     )?;
+    let telemetry_rx = producer.subscribe();
 
     let model_ref = ModelRef {
         name: engine.model.source.name.clone(),
-        version: None,
+        version: active.version(),
         sha256: engine.model.sha256.clone(),
     };
     let presence = Presence {
@@ -216,7 +255,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 sha256: model_ref.sha256.clone(),
                 activated_at: rfc3339(engine.loaded_at),
             },
-            previous: Vec::new(),
+            previous: store
+                .previous()
+                .into_iter()
+                .map(|i| ModelRef {
+                    name: i.release.name,
+                    version: Some(i.release.version),
+                    sha256: String::new(),
+                })
+                .collect(),
             last_result: None,
         },
         capabilities: capabilities(
@@ -225,7 +272,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             api_task.is_some(),
         ),
     };
-    let (_presence_tx, presence_rx) = watch::channel(presence);
+    let (presence_tx, presence_rx) = watch::channel(presence);
+    let (updates_tx, updates_rx) = mpsc::channel(UPDATE_QUEUE);
 
     let tracker = TaskTracker::new();
     let link_cancel = CancellationToken::new();
@@ -236,10 +284,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         boot_id: boot_id(),
         session_seq,
         spool: spool.clone(),
-        spooled,
+        spooled: spooled.clone(),
         presence: presence_rx,
         drain_timeout: DRAIN_FLUSH,
         broker: config.mqtt.url.to_string(),
+        updates: updates_tx,
     };
     match session {
         AnySession::V311(session) => {
@@ -250,7 +299,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
-    let workload = if config.workload.rate_per_s > 0.0 {
+    if config.workload.rate_per_s > 0.0 {
         tracing::info!(
             "workload: {} inferences/s from {}",
             config.workload.rate_per_s,
@@ -260,7 +309,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "synthetic inputs".into())
         );
-        Some(
+        *crate::lock(&serving.workload) = Some(
             Workload::start(
                 &engine,
                 config.workload.rate_per_s,
@@ -268,10 +317,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 metrics.clone(),
             )
             .map_err(AppError::Workload)?,
-        )
-    } else {
-        None
-    };
+        );
+    }
+
+    let updater_cancel = CancellationToken::new();
+    let updater = Updater::new(UpdaterParts {
+        config: config.clone(),
+        store,
+        serving: serving.clone(),
+        presence: presence_tx,
+        learned,
+        spool: spool.clone(),
+        spooled: spooled.clone(),
+        events_topic: topics.model_events(),
+        encoding: config.mqtt.encoding,
+        telemetry: telemetry_rx,
+    })
+    .map_err(state_error)?;
+    let updater_task = tokio::spawn(updater.run(updates_rx, updater_cancel.clone()));
 
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
@@ -320,7 +383,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             _ = pings.tick(), if watchdog.is_some() => {
                 let since_window = started.elapsed()
                     .saturating_sub(Duration::from_millis(last_window_ms.load(Ordering::Relaxed)));
-                let workload_ok = workload.as_ref().is_none_or(Workload::is_running);
+                let workload_ok = serving.workload_ok();
                 if since_window < stall && workload_ok && !producer_task.is_finished() {
                     notify_systemd(&[sd_notify::NotifyState::Watchdog]);
                 } else {
@@ -344,11 +407,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         if let Some(api_task) = api_task {
             let _ = api_task.await;
         }
-        let served = served_tx.send_replace(None);
-        let _ = tokio::task::spawn_blocking(move || drop(served)).await;
-        if let Some(workload) = workload {
-            let _ = tokio::task::spawn_blocking(move || workload.stop()).await;
-        }
+        // An update in progress stops at its next step; its staging stays for the next start.
+        updater_cancel.cancel();
+        let _ = updater_task.await;
+        let _ = tokio::task::spawn_blocking(move || serving.stop()).await;
         producer_cancel.cancel();
         if let Ok(Some(producer)) = producer_task.await {
             close_window(producer).await;

@@ -10,7 +10,8 @@ use std::time::{Instant, SystemTime};
 use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
-use super::engine::{Engine, SharedWindow, Window};
+use super::engine::{SharedWindow, Window};
+use super::serving::Active;
 use crate::config::Encoding;
 use crate::device;
 use crate::inference::Precision;
@@ -24,6 +25,7 @@ use crate::plaster::report::{
 use crate::sensors::thermal;
 use crate::telemetry::counter::{CounterError, PersistentCounter};
 use crate::telemetry::record::{self, rfc3339, Telemetry};
+use crate::ota::updater::Learned;
 use crate::telemetry::spool::{Pushed, RecordKind, Spool, SpoolError};
 
 /// The daemon's scenario name in `throughput.scenario`: whatever load arrived in the window.
@@ -48,11 +50,53 @@ struct Fixed {
     batch: usize,
     precision: Precision,
     accuracy_at_load: Option<Accuracy>,
-    active_since: String,
+    active_since: SystemTime,
+}
+
+impl Fixed {
+    fn of(device_id: &str, active: &Active) -> Fixed {
+        let engine = &active.engine;
+        let prepared = &engine.prepared;
+        Fixed {
+            device: DeviceInfo {
+                id: device_id.to_string(),
+                arch: std::env::consts::ARCH.to_string(),
+                runtime: prepared.runtime().as_str().to_string(),
+                threads: engine.threads,
+            },
+            model: ModelInfo {
+                name: active.name().to_string(),
+                version: active.version(),
+                sha256: engine.model.sha256.clone(),
+                format: "onnx".to_string(),
+            },
+            programmability: prepared.programmability().into(),
+            file_bytes: engine.model.file_bytes,
+            parameters: prepared.parameters(),
+            flops_per_inference: prepared.flops_per_inference(),
+            batch: prepared.batch(),
+            precision: prepared.precision(),
+            accuracy_at_load: engine.accuracy_at_load.clone(),
+            active_since: active.activated_at,
+        }
+    }
+}
+
+/// The PLASTER report of a model just activated, before any window ran: its fixed figures and
+/// the accuracy measured at load (an update's `activated` event carries it).
+pub fn model_report(device_id: &str, active: &Active, learning: Learning) -> Report {
+    let fixed = Fixed::of(device_id, active);
+    let energy = crate::plaster::energy::EnergyReport::unavailable(
+        "not measured during validation (telemetry reports it per window)",
+    );
+    report_of(&fixed, &Window::default(), 0.0, energy, learning)
 }
 
 pub struct Producer {
+    device_id: String,
     fixed: Fixed,
+    active: watch::Receiver<Arc<Active>>,
+    learned: Arc<Mutex<Learned>>,
     window: SharedWindow,
     window_started: Instant,
     meter: Box<dyn EnergyMeter>,
@@ -76,6 +120,9 @@ struct SeqOnly {
 
 pub struct ProducerParts {
     pub device_id: String,
+    /// The model that runs (an update replaces it).
+    pub active: watch::Receiver<Arc<Active>>,
+    pub learned: Arc<Mutex<Learned>>,
     pub window: SharedWindow,
     pub meter: Box<dyn EnergyMeter>,
     pub sysfs_root: PathBuf,
@@ -91,38 +138,19 @@ pub struct ProducerParts {
 impl Producer {
     /// Starts the first window now. The sequence continues from the persisted counter, or from
     /// the newest spooled record if the agent died between spooling it and saving the counter.
-    pub fn new(engine: &Engine, mut parts: ProducerParts) -> Result<Producer, ProducerError> {
+    pub fn new(mut parts: ProducerParts) -> Result<Producer, ProducerError> {
         let newest_spooled = newest_spooled_seq(&lock(&parts.spool), &parts.topic);
         if let Some(seq) = newest_spooled.filter(|&s| s > parts.seq.get()) {
             tracing::info!("telemetry seq continues after spooled record {seq}");
             parts.seq.set(seq)?;
         }
-        let prepared = &engine.prepared;
-        let fixed = Fixed {
-            device: DeviceInfo {
-                id: parts.device_id,
-                arch: std::env::consts::ARCH.to_string(),
-                runtime: prepared.runtime().as_str().to_string(),
-                threads: engine.threads,
-            },
-            model: ModelInfo {
-                name: engine.model.source.name.clone(),
-                version: None,
-                sha256: engine.model.sha256.clone(),
-                format: "onnx".to_string(),
-            },
-            programmability: prepared.programmability().into(),
-            file_bytes: engine.model.file_bytes,
-            parameters: prepared.parameters(),
-            flops_per_inference: prepared.flops_per_inference(),
-            batch: prepared.batch(),
-            precision: prepared.precision(),
-            accuracy_at_load: engine.accuracy_at_load.clone(),
-            active_since: rfc3339(engine.loaded_at),
-        };
+        let fixed = Fixed::of(&parts.device_id, &parts.active.borrow_and_update());
         parts.meter.start_window();
         Ok(Producer {
+            device_id: parts.device_id,
             fixed,
+            active: parts.active,
+            learned: parts.learned,
             window: parts.window,
             window_started: Instant::now(),
             meter: parts.meter,
@@ -137,11 +165,19 @@ impl Producer {
         })
     }
 
+    /// Each record, as it is spooled (the update task's canary reads them).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Telemetry>>> {
+        self.last.subscribe()
+    }
+
     /// Closes the current window, spools its record and opens the next. Blocking (sensor and
     /// thermal reads, fsync): run it on a blocking thread. Returns the record's `seq`, or
     /// `None` when the full spool had no room for it (counted in `spool_dropped`).
     pub fn tick(&mut self) -> Result<Option<u64>, ProducerError> {
         let window = std::mem::take(&mut *lock(&self.window));
+        if self.active.has_changed().unwrap_or(false) {
+            self.fixed = Fixed::of(&self.device_id, &self.active.borrow_and_update());
+        }
         let now = Instant::now();
         let window_s = (now - self.window_started).as_secs_f64();
         self.window_started = now;
@@ -193,7 +229,19 @@ impl Producer {
         window_s: f64,
         energy: crate::plaster::energy::EnergyReport,
     ) -> Report {
-        let fixed = &self.fixed;
+        let learning = lock(&self.learned).report(self.fixed.active_since);
+        report_of(&self.fixed, window, window_s, energy, learning)
+    }
+}
+
+fn report_of(
+    fixed: &Fixed,
+    window: &Window,
+    window_s: f64,
+    energy: crate::plaster::energy::EnergyReport,
+    learning: Learning,
+) -> Report {
+    {
         let accuracy = if window.labelled > 0 {
             let hits = Top1 {
                 correct: window.correct as usize,
@@ -231,14 +279,7 @@ impl Producer {
                 valid: None,
             },
             energy,
-            learning: Learning {
-                status: "measured".to_string(),
-                active_since: Some(fixed.active_since.clone()),
-                push_to_active_s: None,
-                updates_ok: 0,
-                updates_rejected: 0,
-                rollbacks: 0,
-            },
+            learning,
             profile: None,
             outputs_vs_cpu: None,
         }

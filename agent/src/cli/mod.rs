@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod keygen;
+pub mod push;
 pub mod scorecard;
 pub mod sensors;
 pub mod target;
@@ -49,6 +50,10 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Make an Ed25519 key pair for signing model pushes (PREFIX.key, PREFIX.pub)
     Keygen(keygen::KeygenArgs),
+    /// Sign, chunk and send a model to devices over MQTT; wait for each one's result
+    Push(push::PushArgs),
+    /// Tell devices (signed) to roll back from a version to the one before it
+    Rollback(push::RollbackArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]

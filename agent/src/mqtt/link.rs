@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use serde::Deserialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +23,8 @@ use super::session::{Session, Wire};
 use super::topics::Topics;
 use crate::config::Encoding;
 use crate::lock;
+use crate::ota::wire::{self, Command};
+use crate::ota::Input;
 use crate::telemetry::counter::PersistentCounter;
 use crate::telemetry::record::{self, rfc3339, Birth, Death, ModelRef, ModelState};
 use crate::telemetry::spool::Spool;
@@ -35,8 +36,6 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// ±20 % so a fleet that lost its broker does not reconnect in lockstep.
 const BACKOFF_JITTER: f64 = 0.2;
-/// Commands are small maps; anything larger on a command topic is refused unread.
-pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// What the retained status and model state say about this device; the daemon updates it
 /// when the active model changes, and the link republishes.
@@ -62,6 +61,8 @@ pub struct LinkParts<S> {
     /// How long the shutdown may spend flushing the spool before the offline status.
     pub drain_timeout: Duration,
     pub broker: String,
+    /// Where push messages and signed commands go (the update task).
+    pub updates: mpsc::Sender<Input>,
 }
 
 impl<S> LinkParts<S> {
@@ -78,6 +79,7 @@ impl<S> LinkParts<S> {
             presence: self.presence,
             drain_timeout: self.drain_timeout,
             broker: self.broker,
+            updates: self.updates,
         }
     }
 }
@@ -88,12 +90,6 @@ enum Sent {
     Spooled(u64),
     Retained,
     Offline,
-}
-
-/// A command received on `P/cmd` or the fleet's `cmd` topic.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    Rebirth,
 }
 
 pub struct Link<S> {
@@ -141,6 +137,7 @@ impl<S: Session> Link<S> {
                 _ = spooled.notified(), if self.connected => self.refill(),
                 changed = self.parts.presence.changed(), if self.connected => {
                     if changed.is_ok() {
+                        self.publish_birth();
                         self.publish_retained_state();
                     }
                 }
@@ -159,7 +156,15 @@ impl<S: Session> Link<S> {
             Ok(Wire::Connected) => self.on_connected(),
             Ok(Wire::PacketId(pkid)) => self.on_packet_id(pkid),
             Ok(Wire::Acked(pkid)) => self.on_ack(pkid),
-            Ok(Wire::Message { topic, payload }) => self.on_message(&topic, &payload),
+            Ok(Wire::Message { topic, payload }) => {
+                if let Some(input) = self.on_message(&topic, payload) {
+                    // Back-pressure: while the update task is busy, the link waits (and the
+                    // broker holds the rest) instead of dropping chunks.
+                    if self.parts.updates.send(input).await.is_err() {
+                        tracing::debug!("mqtt: the update task has stopped; message dropped");
+                    }
+                }
+            }
             Ok(Wire::DisconnectSent | Wire::Other) => {}
             Err(error) => return self.on_connection_error(error, cancel).await,
         }
@@ -188,7 +193,8 @@ impl<S: Session> Link<S> {
         self.connected = true;
         self.failures = 0;
         self.backoff = BACKOFF_MIN;
-        for topic in self.parts.topics.cmd() {
+        let topics = self.parts.topics.cmd().into_iter().chain(self.parts.topics.model_push());
+        for topic in topics {
             if let Err(e) = self.parts.session.try_subscribe(topic) {
                 tracing::warn!("mqtt: subscribing: {e}");
             }
@@ -231,18 +237,30 @@ impl<S: Session> Link<S> {
         record::encode(&death, self.parts.encoding)
     }
 
-    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+    /// Handles a command the link owns (`rebirth`); returns what the update task must see.
+    fn on_message(&mut self, topic: &str, payload: Vec<u8>) -> Option<Input> {
+        if self.parts.topics.model_push().iter().any(|t| t == topic) {
+            return Some(Input::Push(payload));
+        }
         if !self.parts.topics.cmd().iter().any(|t| t == topic) {
             tracing::warn!("mqtt: message on unexpected topic {topic} ignored");
-            return;
+            return None;
         }
-        match parse_command(payload) {
+        match wire::decode_command(&payload) {
             Ok(Command::Rebirth) => {
                 tracing::info!("cmd on {topic}: rebirth");
                 self.publish_birth();
                 self.publish_retained_state();
+                None
             }
-            Err(reason) => tracing::warn!("cmd on {topic}: {reason}; ignored"),
+            Ok(command) => {
+                tracing::info!("cmd on {topic}: {command:?}");
+                Input::from_command(command)
+            }
+            Err(reason) => {
+                tracing::warn!("cmd on {topic}: {reason}; ignored");
+                None
+            }
         }
     }
 
@@ -425,37 +443,6 @@ impl<S: Session> Link<S> {
     }
 }
 
-/// Commands are CBOR maps, or JSON objects for hand-typed `mosquitto_pub` use.
-pub fn parse_command(payload: &[u8]) -> Result<Command, String> {
-    #[derive(Deserialize)]
-    struct Envelope {
-        #[serde(rename = "type")]
-        kind: String,
-    }
-    if payload.len() > MAX_COMMAND_BYTES {
-        return Err(format!(
-            "message of {} bytes exceeds the {MAX_COMMAND_BYTES}-byte command limit",
-            payload.len()
-        ));
-    }
-    let envelope: Envelope = match record::encoding_of(payload) {
-        Encoding::Json => serde_json::from_slice(payload)
-            .map_err(|e| format!("not a JSON command object with a \"type\": {e}"))?,
-        Encoding::Cbor => ciborium::from_reader(payload).map_err(|e| {
-            format!(
-                "not a CBOR command map with a \"type\": {}",
-                record::cbor_error(e)
-            )
-        })?,
-    };
-    match envelope.kind.as_str() {
-        "rebirth" => Ok(Command::Rebirth),
-        other => Err(format!(
-            "unknown command type {other:?} (this agent knows: \"rebirth\")"
-        )),
-    }
-}
-
 fn jittered(delay: Duration) -> Duration {
     let factor = rand::thread_rng().gen_range(1.0 - BACKOFF_JITTER..=1.0 + BACKOFF_JITTER);
     delay.mul_f64(factor)
@@ -464,38 +451,6 @@ fn jittered(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check(payload: &[u8], expected: Result<Command, &str>) {
-        assert_eq!(parse_command(payload), expected.map_err(str::to_string));
-    }
-
-    #[test]
-    fn commands_in_cbor_and_json() {
-        let mut cbor = Vec::new();
-        ciborium::into_writer(
-            &std::collections::BTreeMap::from([("type", "rebirth")]),
-            &mut cbor,
-        )
-        .unwrap();
-        check(&cbor, Ok(Command::Rebirth));
-        check(br#"{"type": "rebirth"}"#, Ok(Command::Rebirth));
-        check(
-            br#"{"type": "reboot"}"#,
-            Err("unknown command type \"reboot\" (this agent knows: \"rebirth\")"),
-        );
-        check(
-            br#"{"kind": "rebirth"}"#,
-            Err("not a JSON command object with a \"type\": missing field `type` at line 1 column 19"),
-        );
-        check(
-            b"\xff\xfe",
-            Err("not a CBOR command map with a \"type\": invalid type: break, expected map"),
-        );
-        check(
-            &vec![b' '; MAX_COMMAND_BYTES + 1],
-            Err("message of 65537 bytes exceeds the 65536-byte command limit"),
-        );
-    }
 
     #[test]
     fn backoff_jitter_stays_within_bounds() {

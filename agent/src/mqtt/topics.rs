@@ -55,6 +55,19 @@ impl Topics {
         ]
     }
 
+    /// What `push` and `rollback` subscribe to: every device's update events and status.
+    pub fn fleet_updates(fleet: &str) -> [String; 2] {
+        [
+            format!("{ROOT}/{fleet}/+/model/events"),
+            format!("{ROOT}/{fleet}/+/status"),
+        ]
+    }
+
+    /// The device id of a `plaster/v1/<fleet>/<device>/...` topic.
+    pub fn device_of(topic: &str) -> Option<&str> {
+        topic.split('/').nth(3)
+    }
+
     /// What a fleet dashboard (`watch`) subscribes to.
     pub fn fleet_wildcard(fleet: &str) -> [String; 2] {
         [
