@@ -20,8 +20,8 @@ impl Message {
         if self.payload.first() == Some(&b'{') {
             serde_json::from_slice(&self.payload).expect("JSON payload")
         } else {
-            let value: ciborium::Value =
-                ciborium::from_reader(self.payload.as_slice()).unwrap_or_else(|e| {
+            let value: ciborium::Value = ciborium::from_reader(self.payload.as_slice())
+                .unwrap_or_else(|e| {
                     panic!(
                         "payload on {} is not CBOR ({e}): {}",
                         self.topic,

@@ -165,7 +165,13 @@ pub fn events_topic(device: &str) -> String {
 }
 
 /// Waits for the event of transfer `id` (hex) in `state`; returns it as JSON.
-pub fn wait_event(sub: &Subscriber, device: &str, id: &[u8; 16], state: &str, timeout: Duration) -> serde_json::Value {
+pub fn wait_event(
+    sub: &Subscriber,
+    device: &str,
+    id: &[u8; 16],
+    state: &str,
+    timeout: Duration,
+) -> serde_json::Value {
     let topic = events_topic(device);
     let id = id.to_vec();
     sub.wait_for(&format!("a {state:?} event"), timeout, |m: &Message| {

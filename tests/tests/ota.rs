@@ -20,14 +20,38 @@ fn topic(device: &str, leaf: &str) -> String {
     format!("plaster/v1/lab/{device}/{leaf}")
 }
 
-/// The retained model state, as a dashboard that connects now reads it.
-fn model_state(sub: &Subscriber, device: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let t = topic(device, "model/state");
-    sub.wait_for("model state", WAIT, |m: &Message| m.topic == t && wanted(&m.value()))
-        .value()
+/// The retained model state, as a dashboard that connects now reads it (a fresh connection:
+/// retained messages are delivered on subscribe, and later ones as they come).
+fn model_state(broker: &Broker, device: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    retained(broker, device, "model/state", wanted)
 }
 
-fn push(broker: &Broker, device: &str, key: &Key, model: &str, version: u64, extra: &[&str]) -> Run {
+fn retained(broker: &Broker, device: &str, leaf: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let t = topic(device, leaf);
+    static CHECKS: AtomicU64 = AtomicU64::new(0);
+    let id = format!(
+        "ota-check-{}-{}",
+        std::process::id(),
+        CHECKS.fetch_add(1, Ordering::Relaxed)
+    );
+    let sub = Subscriber::connect(broker.port, &id, true, &[t.as_str()]);
+    let value = sub
+        .wait_for(&format!("retained {leaf}"), WAIT, |m: &Message| {
+            m.topic == t && wanted(&m.value())
+        })
+        .value();
+    sub.disconnect();
+    value
+}
+
+fn push(
+    broker: &Broker,
+    device: &str,
+    key: &Key,
+    model: &str,
+    version: u64,
+    extra: &[&str],
+) -> Run {
     let mut args: Vec<String> = [
         "push",
         model,
@@ -55,6 +79,15 @@ fn push(broker: &Broker, device: &str, key: &Key, model: &str, version: u64, ext
     agent(&args)
 }
 
+/// The agent is subscribed to its push and command topics once its birth is out (it
+/// subscribes before it publishes the birth, on the same connection).
+fn online(sub: &Subscriber, device: &str) {
+    let t = topic(device, "status");
+    sub.wait_for("birth", WAIT, |m: &Message| {
+        m.topic == t && m.value()["online"] == true
+    });
+}
+
 fn infer_digits(addr: &str) -> http::Response {
     http::post_json(
         addr,
@@ -76,6 +109,7 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     let mut daemon = Daemon::start(&config);
     let addr = daemon.api_addr();
     daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
 
     // Inference in a loop across every swap: none may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -100,22 +134,34 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     let digits = model_path("digits");
     let run = push(&broker, device, &key, digits.to_str().unwrap(), 2, &[]);
     assert_eq!(run.code, 0, "push v2: {}\n{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains(device) && run.stdout.contains("activated"), "{}", run.stdout);
-    let state = model_state(&sub, device, |v| v["active"]["version"] == 2);
+    assert!(
+        run.stdout.contains(device) && run.stdout.contains("activated"),
+        "{}",
+        run.stdout
+    );
+    let state = model_state(&broker, device, |v| v["active"]["version"] == 2);
     assert_eq!(state["active"]["name"], "digits");
     assert_eq!(state["last_result"]["state"], "activated");
-    let birth = sub.wait_for("birth of v2", WAIT, |m| {
-        m.topic == topic(device, "status") && m.value()["model"]["version"] == 2
-    });
-    assert_eq!(birth.value()["online"], true);
+    let birth = retained(&broker, device, "status", |v| v["model"]["version"] == 2);
+    assert_eq!(birth["online"], true);
 
-    let run = push(&broker, device, &key, digits.to_str().unwrap(), 3, &["--min-accuracy", "0.5"]);
+    let run = push(
+        &broker,
+        device,
+        &key,
+        digits.to_str().unwrap(),
+        3,
+        &["--min-accuracy", "0.5"],
+    );
     assert_eq!(run.code, 0, "push v3: {}\n{}", run.stdout, run.stderr);
-    let state = model_state(&sub, device, |v| v["active"]["version"] == 3);
+    let state = model_state(&broker, device, |v| v["active"]["version"] == 3);
     assert_eq!(state["previous"][0]["version"], 2);
     let metrics = &state["last_result"]["metrics"];
     assert_eq!(metrics["model"]["version"], 3);
-    assert!(metrics["accuracy"]["value"].as_f64().unwrap() > 0.9, "{metrics}");
+    assert!(
+        metrics["accuracy"]["value"].as_f64().unwrap() > 0.9,
+        "{metrics}"
+    );
     assert_eq!(metrics["learning"]["updates_ok"], 2);
     assert!(metrics["learning"]["push_to_active_s"].as_f64().unwrap() > 0.0);
 
@@ -126,8 +172,17 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     // A replayed older version is refused, with the reason in the table and exit 1.
     let run = push(&broker, device, &key, digits.to_str().unwrap(), 2, &[]);
     assert_eq!(run.code, 1, "{}", run.stderr);
-    assert!(run.stdout.contains("version 2 is not newer than active 3"), "{}", run.stdout);
-    assert!(run.stderr.contains("error: 1 of 1 device(s) did not activate version 2"), "{}", run.stderr);
+    assert!(
+        run.stdout.contains("version 2 is not newer than active 3"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr
+            .contains("error: 1 of 1 device(s) did not activate version 2"),
+        "{}",
+        run.stderr
+    );
 
     // Telemetry carries the learning figures.
     let t = sub.wait_for("telemetry of v3", WAIT, |m| {
@@ -141,18 +196,36 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     let version = "3".to_string();
     let url = broker.url();
     let run = agent(&[
-        "rollback", "--broker", &url, "--fleet", "lab", "--device", device, "--version", &version,
-        "--key", key.path.to_str().unwrap(), "--timeout", "60",
+        "rollback",
+        "--broker",
+        &url,
+        "--fleet",
+        "lab",
+        "--device",
+        device,
+        "--version",
+        &version,
+        "--key",
+        key.path.to_str().unwrap(),
+        "--timeout",
+        "60",
     ]);
     assert_eq!(run.code, 0, "rollback: {}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("rolled_back"), "{}", run.stdout);
-    model_state(&sub, device, |v| v["active"]["version"] == 2);
+    model_state(&broker, device, |v| v["active"]["version"] == 2);
 
     stop.store(true, Ordering::Relaxed);
     let errors = looper.join().unwrap();
-    assert!(errors.is_empty(), "failed requests during the swaps: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "failed requests during the swaps: {errors:?}"
+    );
     assert_eq!(failed.load(Ordering::Relaxed), 0);
-    assert!(ok.load(Ordering::Relaxed) > 50, "only {} requests ran", ok.load(Ordering::Relaxed));
+    assert!(
+        ok.load(Ordering::Relaxed) > 50,
+        "only {} requests ran",
+        ok.load(Ordering::Relaxed)
+    );
 
     // The active version is durable: a restart serves v2 from the store.
     daemon.signal("TERM");
@@ -163,11 +236,22 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
 }
 
 /// One bad push: publish it, expect `rejected` with exactly `reason`.
-fn check_rejected(broker: &Broker, sub: &Subscriber, device: &str, transfer: &Transfer, send: impl FnOnce(&Transfer), reason: &str) {
+fn check_rejected(
+    daemon: &Daemon,
+    sub: &Subscriber,
+    device: &str,
+    transfer: &Transfer,
+    send: impl FnOnce(&Transfer),
+    reason: &str,
+) {
     send(transfer);
     let event = wait_event(sub, device, &transfer.id, "rejected", WAIT);
-    assert_eq!(event["reason"], reason, "{event}");
-    let _ = broker;
+    assert_eq!(
+        event["reason"],
+        reason,
+        "{event}\nthe agent's log:\n{}",
+        daemon.log()
+    );
 }
 
 #[test]
@@ -178,7 +262,12 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
     let key = Key::generate(dir.path(), "ops-1");
     let stranger = Key::generate(dir.path(), "stranger");
     let device = "ota-bad";
-    let sub = Subscriber::connect(broker.port, "ota-bad-dashboard", true, &["plaster/v1/lab/#"]);
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-bad-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
     let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
     config.extra = key.ota_section(
         "max_bundle_bytes = 4000000\nchunk_pause_s = 0.5\ntransfer_deadline_s = 3\ncanary_s = 0",
@@ -187,39 +276,92 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
     let daemon = Daemon::start(&config);
     let addr = daemon.api_addr();
     daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
     let port = broker.port;
     let all = |t: &Transfer| t.send_all(port, device);
     let digits = digits_bundle();
     let k = &key.signing;
 
-    check_rejected(&broker, &sub, device, &Transfer::new(&digits, 2, &stranger.signing, "ops-1"), all,
-        "signature: does not verify with key \"ops-1\"");
-    check_rejected(&broker, &sub, device, &Transfer::new(&digits, 2, k, "ops-2"), all,
-        "signature: unknown key_id \"ops-2\" (this device trusts: \"ops-1\")");
-    check_rejected(&broker, &sub, device, &Transfer::with(&digits, 2, k, "ops-1", |m| m.sha256 = [0; 32]), all,
-        &format!("sha256 mismatch: the received bundle hashes to {}, the manifest says {}", sha_hex(&digits), "00".repeat(32)));
-    check_rejected(&broker, &sub, device, &Transfer::with(&digits, 2, k, "ops-1", |m| {
-        m.size += 1;
-        m.chunks = m.size.div_ceil(m.chunk_size);
-    }), all, &format!(
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::new(&digits, 2, &stranger.signing, "ops-1"),
+        all,
+        "signature: does not verify with key \"ops-1\"",
+    );
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::new(&digits, 2, k, "ops-2"),
+        all,
+        "signature: unknown key_id \"ops-2\" (this device trusts: \"ops-1\")",
+    );
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::with(&digits, 2, k, "ops-1", |m| m.sha256 = [0; 32]),
+        all,
+        &format!(
+            "sha256 mismatch: the received bundle hashes to {}, the manifest says {}",
+            sha_hex(&digits),
+            "00".repeat(32)
+        ),
+    );
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::with(&digits, 2, k, "ops-1", |m| {
+            m.size += 1;
+            m.chunks = m.size.div_ceil(m.chunk_size);
+        }),
+        all,
+        &format!(
         "size mismatch: chunk {} has {} bytes, the manifest (size {}, chunk_size 65536) says {}",
-        digits.len() / 65536, digits.len() % 65536, digits.len() + 1, digits.len() % 65536 + 1));
+        digits.len() / 65536, digits.len() % 65536, digits.len() + 1, digits.len() % 65536 + 1),
+    );
     let t = Transfer::new(&digits, 2, k, "ops-1");
-    check_rejected(&broker, &sub, device, &t, |t| {
-        t.send(port, device, [0]);
-        let mut bogus = plaster_agent::ota::wire::decode_push(&t.chunks[0]).unwrap();
-        if let plaster_agent::ota::wire::PushMessage::Chunk(c) = &mut bogus {
-            c.index = 99;
-        }
-        plaster_agent_tests::mqtt::publish(port, &push_topic(device), plaster_agent::ota::wire::encode_push(&bogus), false);
-    }, &format!("chunk index 99 out of range (the manifest has {0} chunks, 0..={1})", t.chunks.len(), t.chunks.len() - 1));
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &t,
+        |t| {
+            t.send(port, device, [0]);
+            let mut bogus = plaster_agent::ota::wire::decode_push(&t.chunks[0]).unwrap();
+            if let plaster_agent::ota::wire::PushMessage::Chunk(c) = &mut bogus {
+                c.index = 99;
+            }
+            plaster_agent_tests::mqtt::publish(
+                port,
+                &push_topic(device),
+                plaster_agent::ota::wire::encode_push(&bogus),
+                false,
+            );
+        },
+        &format!(
+            "chunk index 99 out of range (the manifest has {0} chunks, 0..={1})",
+            t.chunks.len(),
+            t.chunks.len() - 1
+        ),
+    );
     let stray = Transfer::new(&digits, 2, k, "ops-1");
-    check_rejected(&broker, &sub, device, &stray, |t| plaster_agent_tests::mqtt::publish(port, &push_topic(device), t.chunks[0].clone(), false),
+    check_rejected(&daemon, &sub, device, &stray, |t| plaster_agent_tests::mqtt::publish(port, &push_topic(device), t.chunks[0].clone(), false),
         &format!("chunk for unknown transfer {}: send its manifest first (or the transfer already ended)", stray.id_hex()));
-    check_rejected(&broker, &sub, device, &Transfer::with(&digits, 2, k, "ops-1", |m| {
-        m.size = 5_000_000;
-        m.chunks = m.size.div_ceil(m.chunk_size);
-    }), |t| t.send(port, device, []), "size: bundle of 5000000 bytes exceeds ota.max_bundle_bytes 4000000");
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::with(&digits, 2, k, "ops-1", |m| {
+            m.size = 5_000_000;
+            m.chunks = m.size.div_ceil(m.chunk_size);
+        }),
+        |t| t.send(port, device, []),
+        "size: bundle of 5000000 bytes exceeds ota.max_bundle_bytes 4000000",
+    );
 
     // Hostile archives, each refused before a byte of it lands outside staging.
     let model = model_path("digits/model.onnx");
@@ -238,35 +380,75 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
             "bundle: no model.onnx (a bundle needs one at its root)"),
     ];
     for (bundle, reason) in cases {
-        check_rejected(&broker, &sub, device, &Transfer::new(&bundle, 2, k, "ops-1"), all, reason);
+        check_rejected(
+            &daemon,
+            &sub,
+            device,
+            &Transfer::new(&bundle, 2, k, "ops-1"),
+            all,
+            reason,
+        );
     }
-    let not_onnx = plaster_agent::ota::bundle::build(&[("model.onnx", b"this is not a protobuf".to_vec())]).unwrap();
+    let not_onnx =
+        plaster_agent::ota::bundle::build(&[("model.onnx", b"this is not a protobuf".to_vec())])
+            .unwrap();
     let t = Transfer::new(&not_onnx, 2, k, "ops-1");
     t.send_all(port, device);
     let event = wait_event(&sub, device, &t.id, "rejected", WAIT);
     let reason = event["reason"].as_str().unwrap();
-    assert!(reason.starts_with("model \"") && reason.contains("digits-v2/model.onnx\": not an ONNX model"), "{reason}");
-    let unsupported = bundle_of(&[("model.onnx", model_path("testdata/unsupported_roialign.onnx"))]);
+    assert!(
+        reason.starts_with("model \"")
+            && reason.contains("digits-v2/model.onnx\": not an ONNX model"),
+        "{reason}"
+    );
+    let unsupported = bundle_of(&[(
+        "model.onnx",
+        model_path("testdata/unsupported_roialign.onnx"),
+    )]);
     let t = Transfer::new(&unsupported, 2, k, "ops-1");
     t.send_all(port, device);
     let event = wait_event(&sub, device, &t.id, "rejected", WAIT);
     let reason = event["reason"].as_str().unwrap();
-    assert!(reason.ends_with("unsupported op RoiAlign"), "{reason}");
-    check_rejected(&broker, &sub, device, &Transfer::with(&digits, 2, k, "ops-1", |m| m.min_accuracy = Some(0.999)), all,
-        &format!("accuracy {:.4} below min_accuracy 0.999", digits_accuracy()));
-    check_rejected(&broker, &sub, device, &Transfer::with(&bundle_of(&[("model.onnx", model.clone())]), 2, k, "ops-1", |m| m.min_accuracy = Some(0.9)), all,
-        "accuracy: min_accuracy 0.9 is set but the bundle has no dataset.npz to measure it on");
+    assert!(
+        reason.ends_with("unsupported op \"RoiAlign\" (node \"roi_align\")"),
+        "{reason}"
+    );
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::with(&digits, 2, k, "ops-1", |m| m.min_accuracy = Some(0.999)),
+        all,
+        &format!("accuracy {:.4} below min_accuracy 0.999", digits_accuracy()),
+    );
+    check_rejected(
+        &daemon,
+        &sub,
+        device,
+        &Transfer::with(
+            &bundle_of(&[("model.onnx", model.clone())]),
+            2,
+            k,
+            "ops-1",
+            |m| m.min_accuracy = Some(0.9),
+        ),
+        all,
+        "accuracy: min_accuracy 0.9 is set but the bundle has no dataset.npz to measure it on",
+    );
 
     // A second push while one is in progress: older or equal is busy, newer supersedes.
     let first = Transfer::new(&digits, 5, k, "ops-1");
     first.send(port, device, [0]);
     wait_event(&sub, device, &first.id, "receiving", WAIT);
-    check_rejected(&broker, &sub, device, &Transfer::new(&digits, 4, k, "ops-1"), |t| t.send(port, device, []),
+    check_rejected(&daemon, &sub, device, &Transfer::new(&digits, 4, k, "ops-1"), |t| t.send(port, device, []),
         &format!("busy: transfer {} (version 5) is in progress; push a newer version or wait until it ends", first.id_hex()));
     let newer = Transfer::new(&digits, 6, k, "ops-1");
     newer.send(port, device, []);
     let event = wait_event(&sub, device, &first.id, "rejected", WAIT);
-    assert_eq!(event["reason"], format!("superseded by transfer {} (version 6)", newer.id_hex()));
+    assert_eq!(
+        event["reason"],
+        format!("superseded by transfer {} (version 6)", newer.id_hex())
+    );
 
     // The newer one stalls: the device reports what is missing, then drops it at the deadline.
     let missing = wait_event(&sub, device, &newer.id, "receiving", WAIT);
@@ -274,13 +456,20 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
     let deadline = wait_event(&sub, device, &newer.id, "rejected", WAIT);
     assert_eq!(
         deadline["reason"],
-        format!("transfer incomplete after its 3 s deadline: {0} of {0} chunks missing ({1})", newer.chunks.len(),
-            if last == 0 { "0".to_string() } else { format!("0..{last}") })
+        format!(
+            "transfer incomplete after its 3 s deadline: {0} of {0} chunks missing ({1})",
+            newer.chunks.len(),
+            if last == 0 {
+                "0".to_string()
+            } else {
+                format!("0..{last}")
+            }
+        )
     );
     let _ = missing;
 
     // Nothing changed: the configured model is active and still answers.
-    let state = model_state(&sub, device, |v| v["last_result"]["state"] == "rejected");
+    let state = model_state(&broker, device, |v| v["last_result"]["state"] == "rejected");
     assert_eq!(state["active"]["version"], Value::Null);
     assert_eq!(infer_digits(&addr).status, 200);
 
@@ -298,7 +487,9 @@ fn sha_hex(bytes: &[u8]) -> String {
 }
 
 fn digits_accuracy() -> f64 {
-    plaster_agent_tests::expected()["digits"]["accuracy"]["top1"].as_f64().unwrap()
+    plaster_agent_tests::expected()["digits"]["accuracy"]["top1"]
+        .as_f64()
+        .unwrap()
 }
 
 /// A tar entry with any name and type (`kind` is the typeflag byte), as a hostile sender
@@ -336,20 +527,30 @@ fn a_transfer_resumes_after_the_agent_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-resume";
-    let sub = Subscriber::connect(broker.port, "ota-resume-dashboard", true, &["plaster/v1/lab/#"]);
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-resume-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
     let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
     config.extra = key.ota_section("chunk_pause_s = 0.5\ncanary_s = 0");
     let config = config.write(dir.path());
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
     // SqueezeNet (5 MB) in 64 KiB chunks: send the first half, then kill the agent.
     let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
-    let t = Transfer::with(&bundle, 2, &key.signing, "ops-1", |m| m.name = "squeezenet".into());
+    let t = Transfer::with(&bundle, 2, &key.signing, "ops-1", |m| {
+        m.name = "squeezenet".into()
+    });
     let n = t.chunks.len();
     let half = n / 2;
     t.send(broker.port, device, 0..half);
     let paused = sub.wait_for("a receiving event with missing ranges", WAIT, |m| {
-        m.topic == events_topic(device) && m.value()["state"] == "receiving" && !m.value()["missing"].is_null()
+        m.topic == events_topic(device)
+            && m.value()["state"] == "receiving"
+            && !m.value()["missing"].is_null()
     });
     assert_eq!(paused.value()["missing"], json!([[half, n - 1]]));
     daemon.kill();
@@ -357,7 +558,9 @@ fn a_transfer_resumes_after_the_agent_is_killed() {
     let daemon = Daemon::start(&config);
     daemon.wait_for_log(&format!("resuming transfer {}", t.id_hex()), WAIT);
     let after = sub.wait_for("missing ranges after the restart", WAIT, |m| {
-        m.topic == events_topic(device) && m.value()["state"] == "receiving" && !m.value()["missing"].is_null()
+        m.topic == events_topic(device)
+            && m.value()["state"] == "receiving"
+            && !m.value()["missing"].is_null()
     });
     assert_eq!(after.value()["missing"], json!([[half, n - 1]]));
     // The sender re-sends what is missing; the update completes.
@@ -366,15 +569,25 @@ fn a_transfer_resumes_after_the_agent_is_killed() {
         plaster_agent_tests::mqtt::publish(broker.port, &push, chunk.clone(), false);
     }
     wait_event(&sub, device, &t.id, "activated", WAIT);
-    model_state(&sub, device, |v| v["active"]["name"] == "squeezenet" && v["active"]["version"] == 2);
+    model_state(&broker, device, |v| {
+        v["active"]["name"] == "squeezenet" && v["active"]["version"] == 2
+    });
 }
 
 #[test]
 fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
     let broker = Broker::start();
-    let sub = Subscriber::connect(broker.port, "ota-crash-dashboard", true, &["plaster/v1/lab/#"]);
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-crash-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
     let digits = digits_bundle();
-    for (ix, step) in ["unpacked", "installed", "validated", "activated"].iter().enumerate() {
+    for (ix, step) in ["unpacked", "installed", "validated", "activated"]
+        .iter()
+        .enumerate()
+    {
         let dir = tempfile::tempdir().unwrap();
         let key = Key::generate(dir.path(), "ops-1");
         let device = format!("ota-crash-{ix}");
@@ -383,6 +596,7 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
         let config = config.write(dir.path());
         let mut daemon = Daemon::start_with_env(&config, &[("AGENT_TEST_CRASH_AT", step)]);
         daemon.wait_for_log("inference API serving", WAIT);
+        online(&sub, &device);
         let t = Transfer::new(&digits, 2, &key.signing, "ops-1");
         t.send_all(broker.port, &device);
         daemon.wait_for_log(&format!("crash injected at {step}"), WAIT);
@@ -393,19 +607,25 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
             daemon.wait_for_log("active version: digits v2", WAIT);
         } else {
             let line = daemon.wait_for_log("loading ", WAIT);
-            assert!(line.contains("models/digits"), "after a crash at {step} the old model runs: {line}");
+            assert!(
+                line.contains("models/digits"),
+                "after a crash at {step} the old model runs: {line}"
+            );
         }
         daemon.wait_for_log("inference API serving digits", WAIT);
         // Either way the transaction completes, exactly once, and nothing half-made is left.
         wait_event(&sub, &device, &t.id, "activated", WAIT);
-        model_state(&sub, &device, |v| v["active"]["version"] == 2);
+        model_state(&broker, &device, |v| v["active"]["version"] == 2);
         let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("state/models"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with('.'))
             .collect();
-        assert!(leftovers.is_empty(), "after a crash at {step}: {leftovers:?}");
+        assert!(
+            leftovers.is_empty(),
+            "after a crash at {step}: {leftovers:?}"
+        );
     }
 }
 
@@ -415,13 +635,19 @@ fn the_canary_rolls_back_a_version_that_is_much_slower() {
     let dir = tempfile::tempdir().unwrap();
     let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-canary";
-    let sub = Subscriber::connect(broker.port, "ota-canary-dashboard", true, &["plaster/v1/lab/#"]);
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-canary-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
     let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
     config.workload_rate_per_s = 40.0;
     config.extra = key.ota_section("canary_s = 60");
     let config = config.write(dir.path());
     let daemon = Daemon::start(&config);
     daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
     // A baseline of the current version's windows first.
     for _ in 0..3 {
         sub.wait_for("telemetry", WAIT, |m| m.topic == topic(device, "telemetry"));
@@ -436,9 +662,14 @@ fn the_canary_rolls_back_a_version_that_is_much_slower() {
     let event = rolled.value();
     let reason = event["reason"].as_str().unwrap();
     assert!(reason.starts_with("canary: p90 latency "), "{reason}");
-    assert!(reason.contains("% above the previous version's"), "{reason}");
+    assert!(
+        reason.contains("% above the previous version's"),
+        "{reason}"
+    );
     assert_eq!(event["metrics"]["model"]["name"], "squeezenet");
-    let state = model_state(&sub, device, |v| v["last_result"]["state"] == "rolled_back");
+    let state = model_state(&broker, device, |v| {
+        v["last_result"]["state"] == "rolled_back"
+    });
     assert_eq!(state["active"]["name"], "digits");
     assert_eq!(state["active"]["version"], Value::Null);
     let t = sub.wait_for("telemetry after the rollback", WAIT, |m| {
@@ -454,7 +685,12 @@ fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
     let tiny = TinyFs::mount("2m");
     let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-disk";
-    let sub = Subscriber::connect(broker.port, "ota-disk-dashboard", true, &["plaster/v1/lab/#"]);
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-disk-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
     let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
     config.state_dir = tiny.dir.path().join("state");
     config.extra = key.ota_section("canary_s = 0");
@@ -462,6 +698,7 @@ fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
     let daemon = Daemon::start(&config);
     let addr = daemon.api_addr();
     daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
     let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
     let t = Transfer::new(&bundle, 2, &key.signing, "ops-1");
     t.send_all(broker.port, device);
@@ -469,6 +706,8 @@ fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
     assert_eq!(event["reason"], "disk: no space left in state directory");
     assert_eq!(infer_digits(&addr).status, 200);
     // The staging is gone: the space is back for the spool and the next push.
-    let staged = std::fs::read_dir(tiny.dir.path().join("state/ota/transfers")).unwrap().count();
+    let staged = std::fs::read_dir(tiny.dir.path().join("state/ota/transfers"))
+        .unwrap()
+        .count();
     assert_eq!(staged, 0);
 }

@@ -119,12 +119,14 @@ impl Metrics {
 
     /// Inferences and failures from every source since start (the canary's error rate).
     pub fn totals(&self) -> (u64, u64) {
-        [&self.api, &self.workload].iter().fold((0, 0), |(n, f), s| {
-            (
-                n + s.inferences.load(Ordering::Relaxed),
-                f + s.failures.load(Ordering::Relaxed),
-            )
-        })
+        [&self.api, &self.workload]
+            .iter()
+            .fold((0, 0), |(n, f), s| {
+                (
+                    n + s.inferences.load(Ordering::Relaxed),
+                    f + s.failures.load(Ordering::Relaxed),
+                )
+            })
     }
 
     pub fn failed(&self, source: Source) {

@@ -38,8 +38,8 @@ use crate::telemetry::counter::{CounterError, PersistentCounter};
 use crate::telemetry::record::{rfc3339, ActiveModel, ModelRef, ModelState};
 use crate::telemetry::spool::{Spool, SpoolError};
 use engine::{EngineError, SharedWindow, Workload};
-use serving::{load_engine, Active, Serving};
 use producer::{Producer, ProducerError, ProducerParts};
+use serving::{load_engine, Active, Serving};
 
 /// How long a drain may take in all (systemd's default stop timeout is 90 s; fleets set
 /// `TimeoutStopSec` lower, the unit file uses 30 s).
@@ -155,7 +155,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let load = {
         let release = release.clone();
-        tokio::task::spawn_blocking(move || load_engine(&model_config, release.as_ref()).map(Arc::new))
+        tokio::task::spawn_blocking(move || {
+            load_engine(&model_config, release.as_ref()).map(Arc::new)
+        })
     };
     tokio::pin!(shutdown);
     let engine = tokio::select! {
@@ -223,22 +225,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| AppError::Join(e.to_string()))?
     };
     let learned = Arc::new(Mutex::new(Learned::load(&config.state_dir)));
-    let mut producer = Producer::new(
-        ProducerParts {
-            device_id: config.device_id.clone(),
-            active: active_rx,
-            learned: learned.clone(),
-            window: window.clone(),
-            meter,
-            sysfs_root: config.energy.sysfs_root.clone(),
-            seq: telemetry_seq,
-            spool: spool.clone(),
-            spooled: spooled.clone(),
-            topic: topics.telemetry(),
-            encoding: config.mqtt.encoding,
-            last: last_tx,
-        },
-    )?;
+    let mut producer = Producer::new(ProducerParts {
+        device_id: config.device_id.clone(),
+        active: active_rx,
+        learned: learned.clone(),
+        window: window.clone(),
+        meter,
+        sysfs_root: config.energy.sysfs_root.clone(),
+        seq: telemetry_seq,
+        spool: spool.clone(),
+        spooled: spooled.clone(),
+        topic: topics.telemetry(),
+        encoding: config.mqtt.encoding,
+        last: last_tx,
+    })?;
     let telemetry_rx = producer.subscribe();
 
     let model_ref = ModelRef {

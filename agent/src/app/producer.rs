@@ -16,6 +16,7 @@ use crate::config::Encoding;
 use crate::device;
 use crate::inference::Precision;
 use crate::lock;
+use crate::ota::updater::Learned;
 use crate::plaster::accuracy::Top1;
 use crate::plaster::energy::EnergyMeter;
 use crate::plaster::report::{
@@ -25,7 +26,6 @@ use crate::plaster::report::{
 use crate::sensors::thermal;
 use crate::telemetry::counter::{CounterError, PersistentCounter};
 use crate::telemetry::record::{self, rfc3339, Telemetry};
-use crate::ota::updater::Learned;
 use crate::telemetry::spool::{Pushed, RecordKind, Spool, SpoolError};
 
 /// The daemon's scenario name in `throughput.scenario`: whatever load arrived in the window.

@@ -64,7 +64,12 @@ impl Serving {
         let Some(api) = &self.api else {
             return Ok(None);
         };
-        let mut served = Served::start(&active.engine, api, self.window.clone(), self.metrics.clone())?;
+        let mut served = Served::start(
+            &active.engine,
+            api,
+            self.window.clone(),
+            self.metrics.clone(),
+        )?;
         served.version = active.version();
         served.activated_at = active.activated_at;
         Ok(Some(served))
@@ -97,7 +102,9 @@ impl Serving {
 
     /// Whether the workload (when configured) is still running.
     pub fn workload_ok(&self) -> bool {
-        lock(&self.workload).as_ref().is_none_or(Workload::is_running)
+        lock(&self.workload)
+            .as_ref()
+            .is_none_or(Workload::is_running)
     }
 
     /// Stops serving: the API's model goes, then the workload. Blocking.

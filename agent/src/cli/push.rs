@@ -36,7 +36,12 @@ pub struct BrokerArgs {
     #[arg(long, value_name = "F")]
     pub fleet: String,
     /// Target device(s); repeat for several
-    #[arg(long = "device", value_name = "ID", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        long = "device",
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     pub devices: Vec<String>,
     /// Every online device of the fleet (one message to the fleet's topic)
     #[arg(long)]
@@ -113,9 +118,17 @@ pub enum PushError {
     #[error("--all: no online device in fleet {0:?} (no retained status says online)")]
     NoDevices(String),
     #[error("{failed} of {total} device(s) did not activate version {version}")]
-    Failed { failed: usize, total: usize, version: u64 },
+    Failed {
+        failed: usize,
+        total: usize,
+        version: u64,
+    },
     #[error("{failed} of {total} device(s) did not roll back version {version}")]
-    RollbackFailed { failed: usize, total: usize, version: u64 },
+    RollbackFailed {
+        failed: usize,
+        total: usize,
+        version: u64,
+    },
     #[error("writing to stdout: {0}")]
     Output(std::io::Error),
     #[error("starting the async runtime: {0}")]
@@ -153,7 +166,10 @@ pub fn build_bundle(model: &Path, dataset: Option<&Path>) -> Result<(Vec<u8>, St
         if let Some(dataset) = dataset {
             members.push(("dataset.npz", read(dataset)?));
         }
-        (bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?, stem(model))
+        (
+            bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?,
+            stem(model),
+        )
     } else if model.extension().is_some_and(|e| e == "tar") {
         if dataset.is_some() {
             return Err(PushError::Invalid(
@@ -170,11 +186,19 @@ pub fn build_bundle(model: &Path, dataset: Option<&Path>) -> Result<(Vec<u8>, St
             "model" => model
                 .canonicalize()
                 .ok()
-                .and_then(|p| p.parent().and_then(|d| d.file_name()).and_then(|s| s.to_str()).map(String::from))
+                .and_then(|p| {
+                    p.parent()
+                        .and_then(|d| d.file_name())
+                        .and_then(|s| s.to_str())
+                        .map(String::from)
+                })
                 .unwrap_or_else(|| "model".into()),
             other => other.to_string(),
         };
-        (bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?, name)
+        (
+            bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?,
+            name,
+        )
     };
     // The devices' own rules, before anything is sent.
     bundle::check(bytes.as_slice(), bytes.len() as u64).map_err(|e| PushError::Input {
@@ -218,7 +242,8 @@ fn is_final(state: &str) -> bool {
 pub fn run_push(args: &PushArgs) -> Result<(), PushError> {
     let (bundle_bytes, default_name) = build_bundle(&args.model, args.dataset.as_deref())?;
     let name = args.name.clone().unwrap_or(default_name);
-    wire::check_name(&name).map_err(|e| PushError::Invalid(e.replace("manifest: name", "--name")))?;
+    wire::check_name(&name)
+        .map_err(|e| PushError::Invalid(e.replace("manifest: name", "--name")))?;
     if !(wire::MIN_CHUNK_SIZE..=wire::MAX_CHUNK_SIZE).contains(&args.chunk_size) {
         return Err(PushError::Invalid(format!(
             "--chunk-size {} is outside {}..={}",
@@ -228,7 +253,9 @@ pub fn run_push(args: &PushArgs) -> Result<(), PushError> {
         )));
     }
     if let Some(min) = args.min_accuracy.filter(|m| !(0.0..=1.0).contains(m)) {
-        return Err(PushError::Invalid(format!("--min-accuracy {min} is outside 0..=1")));
+        return Err(PushError::Invalid(format!(
+            "--min-accuracy {min} is outside 0..=1"
+        )));
     }
     let (key, key_id) = signing_key(&args.target)?;
     let size = bundle_bytes.len() as u64;
@@ -280,11 +307,16 @@ pub fn run_rollback(args: &RollbackArgs) -> Result<(), PushError> {
         signature: key.sign(&wire::rollback_message(args.version)).to_bytes(),
         key_id,
     };
-    let outcomes = exchange(&args.target, Outgoing::Command(wire::encode_command(&command), args.version))?;
-    report(&outcomes, "rolled_back", |failed, total| PushError::RollbackFailed {
-        failed,
-        total,
-        version: args.version,
+    let outcomes = exchange(
+        &args.target,
+        Outgoing::Command(wire::encode_command(&command), args.version),
+    )?;
+    report(&outcomes, "rolled_back", |failed, total| {
+        PushError::RollbackFailed {
+            failed,
+            total,
+            version: args.version,
+        }
     })
 }
 
@@ -296,13 +328,21 @@ fn report(
     let mut table = super::table(vec!["device", "result", "reason / figures"]);
     let mut failed = 0;
     for (device, outcome) in outcomes {
-        let state = outcome.state.clone().unwrap_or_else(|| "no result (timed out)".into());
+        let state = outcome
+            .state
+            .clone()
+            .unwrap_or_else(|| "no result (timed out)".into());
         if state != wanted {
             failed += 1;
         }
         let detail = match (&outcome.reason, &outcome.event) {
             (Some(reason), _) => reason.clone(),
-            (None, Some(UpdateEvent { metrics: Some(m), .. })) => {
+            (
+                None,
+                Some(UpdateEvent {
+                    metrics: Some(m), ..
+                }),
+            ) => {
                 let accuracy = m
                     .accuracy
                     .as_ref()
@@ -313,7 +353,12 @@ fn report(
                     .push_to_active_s
                     .map(|s| format!(", push-to-active {s:.2} s"))
                     .unwrap_or_default();
-                format!("{} v{} on {}, {accuracy}{push}", m.model.name, m.model.version.unwrap_or(0), m.device.runtime)
+                format!(
+                    "{} v{} on {}, {accuracy}{push}",
+                    m.model.name,
+                    m.model.version.unwrap_or(0),
+                    m.device.runtime
+                )
             }
             _ => String::new(),
         };
@@ -366,8 +411,11 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
         if args.all {
             filters.push(status_filter);
         }
-        let mut outcomes: BTreeMap<String, Outcome> =
-            args.devices.iter().map(|d| (d.clone(), Outcome::default())).collect();
+        let mut outcomes: BTreeMap<String, Outcome> = args
+            .devices
+            .iter()
+            .map(|d| (d.clone(), Outcome::default()))
+            .collect();
         let mut subacks = 0;
         let mut discovery_until: Option<tokio::time::Instant> = None;
         // Wait for the subscriptions (and the retained statuses for --all).
@@ -399,9 +447,12 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                 }
                 Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/status") => {
                     let device = Topics::device_of(&p.topic).unwrap_or_default().to_string();
-                    let online = record::decode::<serde_json::Value>(&p.payload, record::encoding_of(&p.payload))
-                        .ok()
-                        .and_then(|v| v.get("online").and_then(|o| o.as_bool()))
+                    let online = record::decode::<serde_json::Value>(
+                        &p.payload,
+                        record::encoding_of(&p.payload),
+                    )
+                    .ok()
+                    .and_then(|v| v.get("online").and_then(|o| o.as_bool()))
                         == Some(true);
                     if online {
                         outcomes.entry(device).or_default();
@@ -423,10 +474,13 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
         // The sender task publishes (awaiting the client's queue) while this loop polls.
         let (resend_tx, mut resend_rx) = mpsc::unbounded_channel::<(String, Vec<u64>)>();
         let (transfer_id, version, total_bytes) = match &outgoing {
-            Outgoing::Push { signed, manifest, .. } => (Some(signed.transfer_id), manifest.version, manifest.size),
+            Outgoing::Push {
+                signed, manifest, ..
+            } => (Some(signed.transfer_id), manifest.version, manifest.size),
             Outgoing::Command(_, version) => (None, *version, 0),
         };
-        let bar = ProgressBar::with_draw_target(Some(total_bytes.max(1)), ProgressDrawTarget::stderr());
+        let bar =
+            ProgressBar::with_draw_target(Some(total_bytes.max(1)), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
                 .expect("valid template")
@@ -452,7 +506,8 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                     .collect()
             };
             let fleet = fleet.clone();
-            let push_topic_of = move |device: &str| Topics::new(&fleet, device).model_push()[0].clone();
+            let push_topic_of =
+                move |device: &str| Topics::new(&fleet, device).model_push()[0].clone();
             tokio::spawn(async move {
                 match outgoing {
                     Outgoing::Command(bytes, _) => {
@@ -462,8 +517,13 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                                 .await;
                         }
                     }
-                    Outgoing::Push { signed, manifest, bundle } => {
-                        let manifest_message = wire::encode_push(&PushMessage::Manifest(signed.clone()));
+                    Outgoing::Push {
+                        signed,
+                        manifest,
+                        bundle,
+                    } => {
+                        let manifest_message =
+                            wire::encode_push(&PushMessage::Manifest(signed.clone()));
                         let chunk = |index: u64| {
                             let start = (index * manifest.chunk_size) as usize;
                             let end = (start + manifest.chunk_size as usize).min(bundle.len());
@@ -476,15 +536,28 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                         for (target_ix, (topic, _)) in targets.iter().enumerate() {
                             let topic = topic.clone();
                             let _ = client
-                                .publish(topic.clone(), QoS::AtLeastOnce, false, manifest_message.clone())
+                                .publish(
+                                    topic.clone(),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    manifest_message.clone(),
+                                )
                                 .await;
                             for index in 0..manifest.chunks {
                                 let bytes = chunk(index);
-                                if client.publish(topic.clone(), QoS::AtLeastOnce, false, bytes).await.is_err() {
+                                if client
+                                    .publish(topic.clone(), QoS::AtLeastOnce, false, bytes)
+                                    .await
+                                    .is_err()
+                                {
                                     return;
                                 }
                                 if target_ix == 0 {
-                                    bar.inc(manifest.chunk_size.min(manifest.size - index * manifest.chunk_size));
+                                    bar.inc(
+                                        manifest
+                                            .chunk_size
+                                            .min(manifest.size - index * manifest.chunk_size),
+                                    );
                                 }
                             }
                         }
@@ -493,11 +566,18 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                             let topic = push_topic_of(&device);
                             if indices.is_empty() {
                                 let _ = client
-                                    .publish(topic.clone(), QoS::AtLeastOnce, false, manifest_message.clone())
+                                    .publish(
+                                        topic.clone(),
+                                        QoS::AtLeastOnce,
+                                        false,
+                                        manifest_message.clone(),
+                                    )
                                     .await;
                             }
                             for index in indices {
-                                let _ = client.publish(topic.clone(), QoS::AtLeastOnce, false, chunk(index)).await;
+                                let _ = client
+                                    .publish(topic.clone(), QoS::AtLeastOnce, false, chunk(index))
+                                    .await;
                             }
                         }
                     }
@@ -507,24 +587,34 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
         let started = Instant::now();
-        while outcomes.values().any(|o| !o.state.as_deref().is_some_and(is_final)) {
+        while outcomes
+            .values()
+            .any(|o| !o.state.as_deref().is_some_and(is_final))
+        {
             let event = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Ok(event) => event,
                 Err(_) => break,
             };
-            let Event::Incoming(Packet::Publish(p)) = event.map_err(|e| broker_error(e.to_string()))? else {
+            let Event::Incoming(Packet::Publish(p)) =
+                event.map_err(|e| broker_error(e.to_string()))?
+            else {
                 continue;
             };
             if !p.topic.ends_with("/model/events") {
                 continue;
             }
             let device = Topics::device_of(&p.topic).unwrap_or_default().to_string();
-            let Ok(event) = record::decode::<UpdateEvent>(&p.payload, record::encoding_of(&p.payload)) else {
+            let Ok(event) =
+                record::decode::<UpdateEvent>(&p.payload, record::encoding_of(&p.payload))
+            else {
                 continue;
             };
             let ours = match transfer_id {
                 Some(id) => event.transfer_id == id,
-                None => event.version == version && matches!(event.state.as_str(), "rolled_back" | "rejected"),
+                None => {
+                    event.version == version
+                        && matches!(event.state.as_str(), "rolled_back" | "rejected")
+                }
             };
             let Some(outcome) = outcomes.get_mut(&device).filter(|_| ours) else {
                 continue;
@@ -534,7 +624,10 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                 if let Some(missing) = &event.missing {
                     let indices: Vec<u64> = missing.iter().flat_map(|[a, b]| *a..=*b).collect();
                     if !indices.is_empty() {
-                        bar.println(format!("{device}: re-sending {} missing chunk(s)", indices.len()));
+                        bar.println(format!(
+                            "{device}: re-sending {} missing chunk(s)",
+                            indices.len()
+                        ));
                         let _ = resend_tx.send((device.clone(), indices));
                     }
                 }

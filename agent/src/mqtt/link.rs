@@ -193,7 +193,12 @@ impl<S: Session> Link<S> {
         self.connected = true;
         self.failures = 0;
         self.backoff = BACKOFF_MIN;
-        let topics = self.parts.topics.cmd().into_iter().chain(self.parts.topics.model_push());
+        let topics = self
+            .parts
+            .topics
+            .cmd()
+            .into_iter()
+            .chain(self.parts.topics.model_push());
         for topic in topics {
             if let Err(e) = self.parts.session.try_subscribe(topic) {
                 tracing::warn!("mqtt: subscribing: {e}");

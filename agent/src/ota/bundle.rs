@@ -48,7 +48,11 @@ pub fn unpack(tar_path: &Path, dest: &Path, max_bytes: u64) -> Result<Vec<String
 
 /// Reads a bundle from `reader` and checks every member, writing them into `dest` when given
 /// (`None`: only check, as the fuzz tests do).
-pub fn unpack_into(reader: impl Read, dest: &Path, max_bytes: u64) -> Result<Vec<String>, BundleError> {
+pub fn unpack_into(
+    reader: impl Read,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<Vec<String>, BundleError> {
     unpack_checked(reader, Some(dest), max_bytes)
 }
 
@@ -73,14 +77,16 @@ fn unpack_checked(
         let name = String::from_utf8_lossy(&raw).into_owned();
         let kind = entry.header().entry_type();
         if !MEMBERS.contains(&name.as_str()) {
-            return Err(invalid(if name.contains('/') || name == ".." || name == "." {
-                format!("member {name:?} not allowed (members sit at the root, without directories)")
-            } else {
-                format!(
-                    "member {name:?} not allowed (allowed: {})",
-                    MEMBERS.join(", ")
-                )
-            }));
+            return Err(invalid(
+                if name.contains('/') || name == ".." || name == "." {
+                    format!("member {name:?} not allowed (members sit at the root, without directories)")
+                } else {
+                    format!(
+                        "member {name:?} not allowed (allowed: {})",
+                        MEMBERS.join(", ")
+                    )
+                },
+            ));
         }
         if !kind.is_file() {
             let what = if kind.is_symlink() {
@@ -227,7 +233,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_built_bundle_unpacks_to_the_same_files() {
-        let tar = build(&[("model.onnx", b"onnx".to_vec()), ("labels.txt", b"a\nb\n".to_vec())]).unwrap();
+        let tar = build(&[
+            ("model.onnx", b"onnx".to_vec()),
+            ("labels.txt", b"a\nb\n".to_vec()),
+        ])
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("v1");
         let tar_path = dir.path().join("b.tar");
@@ -239,7 +249,14 @@ pub(crate) mod tests {
         assert_eq!(fs::read(dest.join("model.onnx")).unwrap(), b"onnx");
         assert_eq!(fs::read(dest.join("labels.txt")).unwrap(), b"a\nb\n");
         // Deterministic: the same inputs give the same bytes.
-        assert_eq!(tar, build(&[("model.onnx", b"onnx".to_vec()), ("labels.txt", b"a\nb\n".to_vec())]).unwrap());
+        assert_eq!(
+            tar,
+            build(&[
+                ("model.onnx", b"onnx".to_vec()),
+                ("labels.txt", b"a\nb\n".to_vec())
+            ])
+            .unwrap()
+        );
     }
 
     #[test]
@@ -256,11 +273,17 @@ pub(crate) mod tests {
             Err("bundle: member \"/etc/passwd\" not allowed (members sit at the root, without directories)"),
         );
         check_bundle(
-            &archive(&[model.clone(), raw_entry("labels.txt", T::Symlink, b"", Some("/etc/passwd"))]),
+            &archive(&[
+                model.clone(),
+                raw_entry("labels.txt", T::Symlink, b"", Some("/etc/passwd")),
+            ]),
             Err("bundle: member \"labels.txt\" is a symbolic link; only regular files are allowed"),
         );
         check_bundle(
-            &archive(&[model.clone(), raw_entry("labels.txt", T::Link, b"", Some("model.onnx"))]),
+            &archive(&[
+                model.clone(),
+                raw_entry("labels.txt", T::Link, b"", Some("model.onnx")),
+            ]),
             Err("bundle: member \"labels.txt\" is a hard link; only regular files are allowed"),
         );
         check_bundle(

@@ -37,7 +37,9 @@ pub enum UpdateError {
     BadSignature(String),
     #[error("version {new} is not newer than active {active}")]
     NotNewer { new: u64, active: u64 },
-    #[error("sha256 mismatch: the received bundle hashes to {received}, the manifest says {expected}")]
+    #[error(
+        "sha256 mismatch: the received bundle hashes to {received}, the manifest says {expected}"
+    )]
     Digest { received: String, expected: String },
     #[error("disk: no space left in state directory")]
     DiskFull,
@@ -52,7 +54,9 @@ pub enum UpdateError {
     BelowMinAccuracy { value: f64, min: f64 },
     #[error("accuracy {value:.4} is more than max_accuracy_drop {drop} below the active model's {active:.4}")]
     AccuracyDrop { value: f64, active: f64, drop: f64 },
-    #[error("accuracy: min_accuracy {0} is set but the bundle has no dataset.npz to measure it on")]
+    #[error(
+        "accuracy: min_accuracy {0} is set but the bundle has no dataset.npz to measure it on"
+    )]
     NoDataset(f64),
     #[error("{0}")]
     Busy(String),
@@ -90,7 +94,12 @@ impl TrustedKeys {
     }
 
     /// Checks `signature` over `message` by the key `key_id`.
-    pub fn verify(&self, key_id: &str, message: &[u8], signature: &[u8; 64]) -> Result<(), UpdateError> {
+    pub fn verify(
+        &self,
+        key_id: &str,
+        message: &[u8],
+        signature: &[u8; 64],
+    ) -> Result<(), UpdateError> {
         let key = self.0.get(key_id).ok_or_else(|| {
             let known: Vec<String> = self.0.keys().map(|k| format!("{k:?}")).collect();
             UpdateError::UnknownKey(
@@ -132,7 +141,9 @@ mod tests {
         let signature = key.sign(b"manifest").to_bytes();
         keys.verify("ops-1", b"manifest", &signature).unwrap();
         assert_eq!(
-            keys.verify("ops-2", b"manifest", &signature).unwrap_err().to_string(),
+            keys.verify("ops-2", b"manifest", &signature)
+                .unwrap_err()
+                .to_string(),
             "signature: unknown key_id \"ops-2\" (this device trusts: \"ops-1\")"
         );
         assert_eq!(
@@ -142,7 +153,9 @@ mod tests {
             "signature: does not verify with key \"ops-1\""
         );
         assert_eq!(
-            keys.verify("ops-1", b"other bytes", &signature).unwrap_err().to_string(),
+            keys.verify("ops-1", b"other bytes", &signature)
+                .unwrap_err()
+                .to_string(),
             "signature: does not verify with key \"ops-1\""
         );
     }

@@ -51,8 +51,15 @@ impl Store {
         fs::create_dir_all(&root)?;
         for entry in fs::read_dir(&root)? {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
-                tracing::info!("removing {} left by an interrupted update", entry.path().display());
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
+                tracing::info!(
+                    "removing {} left by an interrupted update",
+                    entry.path().display()
+                );
                 fs::remove_dir_all(entry.path())?;
             }
         }
@@ -70,12 +77,15 @@ impl Store {
 
     /// A fresh staging directory name for `version` (not created).
     pub fn staging_dir(&self, release: &Release) -> PathBuf {
-        self.root
-            .join(format!("{STAGING_PREFIX}{}-v{}", release.name, release.version))
+        self.root.join(format!(
+            "{STAGING_PREFIX}{}-v{}",
+            release.name, release.version
+        ))
     }
 
     fn version_dir(&self, release: &Release) -> PathBuf {
-        self.root.join(format!("{}-v{}", release.name, release.version))
+        self.root
+            .join(format!("{}-v{}", release.name, release.version))
     }
 
     /// Makes the staged directory (the unpacked bundle) a complete installed version: writes
@@ -221,7 +231,11 @@ mod tests {
         let v1 = install(&store, 1);
         store.activate(&v1).unwrap();
         let v2 = install(&store, 2);
-        assert_eq!(store.active().unwrap().release.version, 1, "installing is not activating");
+        assert_eq!(
+            store.active().unwrap().release.version,
+            1,
+            "installing is not activating"
+        );
         store.activate(&v2).unwrap();
         assert_eq!(store.active().unwrap().release.version, 2);
         assert_eq!(
@@ -233,10 +247,18 @@ mod tests {
             store.activate(&installed).unwrap();
         }
         store.prune(2);
-        let kept: Vec<u64> = store.installed().iter().map(|i| i.release.version).collect();
+        let kept: Vec<u64> = store
+            .installed()
+            .iter()
+            .map(|i| i.release.version)
+            .collect();
         assert_eq!(kept, vec![5, 4, 3]);
         assert_eq!(
-            store.previous().iter().map(|i| i.release.version).collect::<Vec<_>>(),
+            store
+                .previous()
+                .iter()
+                .map(|i| i.release.version)
+                .collect::<Vec<_>>(),
             vec![4, 3]
         );
         // Rollback: the previous version becomes active; the rolled-back one is removed.
@@ -246,7 +268,11 @@ mod tests {
         store.remove(&rolled_back);
         assert_eq!(store.active().unwrap().release.version, 4);
         assert_eq!(
-            store.installed().iter().map(|i| i.release.version).collect::<Vec<_>>(),
+            store
+                .installed()
+                .iter()
+                .map(|i| i.release.version)
+                .collect::<Vec<_>>(),
             vec![4, 3]
         );
         store.deactivate().unwrap();

@@ -73,9 +73,17 @@ impl Transfer {
                 .unwrap_or_default()
                 .as_millis();
             write_synced(&dir.join(STARTED_FILE), since_epoch.to_string().as_bytes())?;
-            let data = File::create(dir.join(DATA_FILE))?;
+            // Read back for the digest; created new (a leftover was removed above).
+            let create = |name| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(dir.join(name))
+            };
+            let data = create(DATA_FILE)?;
             data.set_len(manifest.size)?;
-            let received_file = File::create(dir.join(RECEIVED_FILE))?;
+            let received_file = create(RECEIVED_FILE)?;
             received_file.set_len(manifest.chunks)?;
             sync_dir(&dir)?;
             Ok((data, received_file))
@@ -102,10 +110,7 @@ impl Transfer {
 
     /// Reopens a staged transfer after a restart: its signed manifest (returned for the caller
     /// to verify again) and which chunks arrived.
-    pub fn reopen(
-        dir: &Path,
-        max_bundle_bytes: u64,
-    ) -> Result<(Transfer, SignedManifest), String> {
+    pub fn reopen(dir: &Path, max_bundle_bytes: u64) -> Result<(Transfer, SignedManifest), String> {
         let bytes = fs::read(dir.join(PUSH_FILE)).map_err(|e| e.to_string())?;
         let PushMessage::Manifest(signed) = wire::decode_push(&bytes)? else {
             return Err("push.cbor is not a manifest message".into());
@@ -300,11 +305,17 @@ mod tests {
         assert_eq!(t.write_chunk(&chunk(2)).unwrap(), ChunkOutcome::Duplicate);
         assert_eq!(t.missing(), vec![[0, 1]]);
         drop(t);
-        let (mut t, again) = Transfer::reopen(&dir.path().join(hex_id(&[5; 16])), u64::MAX).unwrap();
+        let (mut t, again) =
+            Transfer::reopen(&dir.path().join(hex_id(&[5; 16])), u64::MAX).unwrap();
         assert_eq!(again, signed);
         assert_eq!(t.missing(), vec![[0, 1]]);
         assert_eq!(
-            t.write_chunk(&Chunk { index: 3, ..chunk(0) }).unwrap_err().to_string(),
+            t.write_chunk(&Chunk {
+                index: 3,
+                ..chunk(0)
+            })
+            .unwrap_err()
+            .to_string(),
             "chunk index 3 out of range (the manifest has 3 chunks, 0..=2)"
         );
         assert_eq!(

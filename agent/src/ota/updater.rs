@@ -227,11 +227,16 @@ impl Updater {
             ),
         }
         let payload = record::encode(&event, self.parts.encoding);
-        if let Err(e) = lock(&self.parts.spool).push(RecordKind::Event, &self.parts.events_topic, &payload) {
+        if let Err(e) =
+            lock(&self.parts.spool).push(RecordKind::Event, &self.parts.events_topic, &payload)
+        {
             tracing::error!("update event not spooled: {e}");
         }
         self.parts.spooled.notify_one();
-        if matches!(event.state.as_str(), "activated" | "rejected" | "rolled_back") {
+        if matches!(
+            event.state.as_str(),
+            "activated" | "rejected" | "rolled_back"
+        ) {
             self.parts
                 .presence
                 .send_modify(|p| p.state.last_result = Some(event));
@@ -243,7 +248,12 @@ impl Updater {
         edit(&mut learned);
         let json = serde_json::to_vec(&*learned).expect("learning serializes");
         if let Err(e) = write_synced(
-            &self.parts.config.state_dir.join("ota").join("learning.json"),
+            &self
+                .parts
+                .config
+                .state_dir
+                .join("ota")
+                .join("learning.json"),
             &json,
         ) {
             tracing::warn!("learning figures not saved: {e}");
@@ -252,7 +262,14 @@ impl Updater {
 
     fn reject(&mut self, transfer_id: TransferId, version: u64, error: &UpdateError) {
         self.save_learned(|l| l.updates_rejected += 1);
-        self.publish(self.event(transfer_id, version, "rejected", Some(error.to_string()), None, None));
+        self.publish(self.event(
+            transfer_id,
+            version,
+            "rejected",
+            Some(error.to_string()),
+            None,
+            None,
+        ));
         self.remember_ended(transfer_id);
     }
 
@@ -278,7 +295,10 @@ impl Updater {
                         self.end_transfer_with(transfer, "superseded while the agent was down");
                         continue;
                     }
-                    if let Err(e) = self.keys.verify(&signed.key_id, &signed.manifest, &signed.signature) {
+                    if let Err(e) =
+                        self.keys
+                            .verify(&signed.key_id, &signed.manifest, &signed.signature)
+                    {
                         let (id, version) = (transfer.id, transfer.manifest.version);
                         transfer.remove();
                         self.reject(id, version, &e);
@@ -328,7 +348,14 @@ impl Updater {
 
     fn report_missing(&mut self) {
         if let Some(t) = &self.transfer {
-            let event = self.event(t.id, t.manifest.version, "receiving", None, Some(t.missing()), None);
+            let event = self.event(
+                t.id,
+                t.manifest.version,
+                "receiving",
+                None,
+                Some(t.missing()),
+                None,
+            );
             self.publish(event);
         }
         self.last_progress = Instant::now();
@@ -359,11 +386,15 @@ impl Updater {
             Ok(m) => m,
             Err(reason) => {
                 // The version of an undecodable manifest is unknown: 0.
-                let version = wire::decode_manifest(&signed.manifest, u64::MAX).map_or(0, |m| m.version);
+                let version =
+                    wire::decode_manifest(&signed.manifest, u64::MAX).map_or(0, |m| m.version);
                 return self.reject(id, version, &UpdateError::Protocol(reason));
             }
         };
-        if let Err(e) = self.keys.verify(&signed.key_id, &signed.manifest, &signed.signature) {
+        if let Err(e) = self
+            .keys
+            .verify(&signed.key_id, &signed.manifest, &signed.signature)
+        {
             return self.reject(id, manifest.version, &e);
         }
         let active = self.active().version().unwrap_or(0);
@@ -422,7 +453,14 @@ impl Updater {
                     "chunk for unknown transfer {}: send its manifest first (or the transfer already ended)",
                     hex_id(&chunk.transfer_id)
                 ));
-                self.publish(self.event(chunk.transfer_id, 0, "rejected", Some(error.to_string()), None, None));
+                self.publish(self.event(
+                    chunk.transfer_id,
+                    0,
+                    "rejected",
+                    Some(error.to_string()),
+                    None,
+                    None,
+                ));
                 self.remember_ended(chunk.transfer_id);
             }
             return;
@@ -465,7 +503,11 @@ impl Updater {
                 self.report_missing();
             }
         }
-        if self.canary.as_ref().is_some_and(|c| Instant::now() >= c.until) {
+        if self
+            .canary
+            .as_ref()
+            .is_some_and(|c| Instant::now() >= c.until)
+        {
             let canary = self.canary.take().expect("checked above");
             tracing::info!("update v{}: canary window passed", canary.version);
         }
@@ -518,7 +560,9 @@ impl Updater {
                 self.remember_ended(id);
                 let metrics = self.validation_report(&active);
                 self.publish(self.event(id, version, "activated", None, None, Some(metrics)));
-                self.parts.store.prune(self.parts.config.ota.keep_versions as usize);
+                self.parts
+                    .store
+                    .prune(self.parts.config.ota.keep_versions as usize);
                 self.refresh_state();
                 self.start_canary(id, version);
             }
@@ -536,11 +580,12 @@ impl Updater {
         let staging = store.staging_dir(&release);
         let _ = std::fs::remove_dir_all(&staging);
         tokio::task::block_in_place(|| {
-            bundle::unpack(&transfer.bundle_path(), &staging, transfer.manifest.size)
-                .map_err(|e| match e {
+            bundle::unpack(&transfer.bundle_path(), &staging, transfer.manifest.size).map_err(
+                |e| match e {
                     bundle::BundleError::Io { source, .. } => UpdateError::disk(source),
                     invalid => UpdateError::Bundle(invalid),
-                })?;
+                },
+            )?;
             crash_point("unpacked");
             store.install(&staging, release).map_err(|e| {
                 let _ = std::fs::remove_dir_all(&staging);
@@ -610,7 +655,8 @@ impl Updater {
         active: Arc<Active>,
         served: Option<crate::api::Served>,
     ) -> Result<(), UpdateError> {
-        tokio::task::block_in_place(|| self.parts.store.activate(installed)).map_err(UpdateError::disk)?;
+        tokio::task::block_in_place(|| self.parts.store.activate(installed))
+            .map_err(UpdateError::disk)?;
         let serving = self.parts.serving.clone();
         tokio::task::spawn_blocking(move || serving.swap(active, served))
             .await
@@ -718,7 +764,10 @@ impl Updater {
                 ));
             }
         }
-        if let (Some(base), Some(joules)) = (canary.baseline_joules, record.report.energy.joules_per_inference) {
+        if let (Some(base), Some(joules)) = (
+            canary.baseline_joules,
+            record.report.energy.joules_per_inference,
+        ) {
             if joules > base * (1.0 + ota.canary_max_energy_increase) {
                 faults.push(format!(
                     "{joules:.6} J per inference is more than {:.0} % above the previous version's {base:.6} J",
@@ -749,20 +798,35 @@ impl Updater {
         let canary = self.canary.take().expect("checked above");
         let reason = format!("canary: {}", faults.join("; "));
         let metrics = Some(record.report.clone());
-        self.roll_back(canary.transfer_id, canary.version, reason, metrics).await;
+        self.roll_back(canary.transfer_id, canary.version, reason, metrics)
+            .await;
     }
 
     async fn on_rollback_command(&mut self, version: u64, signature: &[u8; 64], key_id: &str) {
         let id = [0u8; 16];
-        if let Err(e) = self.keys.verify(key_id, &wire::rollback_message(version), signature) {
+        if let Err(e) = self
+            .keys
+            .verify(key_id, &wire::rollback_message(version), signature)
+        {
             tracing::warn!("rollback command refused: {e}");
-            return self.publish(self.event(id, version, "rejected", Some(format!("rollback: {e}")), None, None));
+            return self.publish(self.event(
+                id,
+                version,
+                "rejected",
+                Some(format!("rollback: {e}")),
+                None,
+                None,
+            ));
         }
         let active = self.active().version();
         if active != Some(version) {
             let reason = match active {
-                Some(active) => format!("rollback: version {version} is not active (active is {active})"),
-                None => format!("rollback: version {version} is not active (the configured model is)"),
+                Some(active) => {
+                    format!("rollback: version {version} is not active (active is {active})")
+                }
+                None => {
+                    format!("rollback: version {version} is not active (the configured model is)")
+                }
             };
             return self.publish(self.event(id, version, "rejected", Some(reason), None, None));
         }
@@ -773,7 +837,13 @@ impl Updater {
 
     /// Makes the previous version (or the configured first model) active again and removes
     /// the rolled-back one.
-    async fn roll_back(&mut self, transfer_id: TransferId, version: u64, reason: String, metrics: Option<Report>) {
+    async fn roll_back(
+        &mut self,
+        transfer_id: TransferId,
+        version: u64,
+        reason: String,
+        metrics: Option<Report>,
+    ) {
         let store = &self.parts.store;
         let rolled_back = store.active();
         let target = store.previous().into_iter().next();
@@ -785,7 +855,14 @@ impl Updater {
             }
             None if model_config.path == store.active_path() => {
                 let reason = format!("{reason}; but there is no previous version to roll back to");
-                return self.publish(self.event(transfer_id, version, "rejected", Some(reason), None, metrics));
+                return self.publish(self.event(
+                    transfer_id,
+                    version,
+                    "rejected",
+                    Some(reason),
+                    None,
+                    metrics,
+                ));
             }
             None => None,
         };
@@ -807,7 +884,14 @@ impl Updater {
             Ok(loaded) => loaded,
             Err(e) => {
                 let reason = format!("{reason}; but the previous version does not load: {e}");
-                return self.publish(self.event(transfer_id, version, "rejected", Some(reason), None, metrics));
+                return self.publish(self.event(
+                    transfer_id,
+                    version,
+                    "rejected",
+                    Some(reason),
+                    None,
+                    metrics,
+                ));
             }
         };
         let written = tokio::task::block_in_place(|| match &target {
@@ -816,17 +900,32 @@ impl Updater {
         });
         if let Err(e) = written {
             let reason = format!("{reason}; but the active link could not be written: {e}");
-            return self.publish(self.event(transfer_id, version, "rejected", Some(reason), None, metrics));
+            return self.publish(self.event(
+                transfer_id,
+                version,
+                "rejected",
+                Some(reason),
+                None,
+                metrics,
+            ));
         }
         let serving = self.parts.serving.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || serving.swap(active, served)).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || serving.swap(active, served)).await
+        {
             tracing::error!("rollback: restarting the workload: {e}");
         }
         if let Some(rolled_back) = rolled_back {
             self.parts.store.remove(&rolled_back);
         }
         self.save_learned(|l| l.rollbacks += 1);
-        self.publish(self.event(transfer_id, version, "rolled_back", Some(reason), None, metrics));
+        self.publish(self.event(
+            transfer_id,
+            version,
+            "rolled_back",
+            Some(reason),
+            None,
+            metrics,
+        ));
         self.refresh_state();
     }
 }
@@ -835,7 +934,13 @@ impl Updater {
 fn describe_ranges(ranges: &[[u64; 2]]) -> String {
     let parts: Vec<String> = ranges
         .iter()
-        .map(|[a, b]| if a == b { a.to_string() } else { format!("{a}..{b}") })
+        .map(|[a, b]| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}..{b}")
+            }
+        })
         .collect();
     parts.join(", ")
 }

@@ -129,7 +129,9 @@ impl<'a> Fields<'a> {
 
     fn uint(&mut self, field: &str) -> Result<u64, String> {
         match self.take(field)? {
-            Value::Integer(i) => u64::try_from(i).map_err(|_| self.wrong(field, "an unsigned integer")),
+            Value::Integer(i) => {
+                u64::try_from(i).map_err(|_| self.wrong(field, "an unsigned integer"))
+            }
             _ => Err(self.wrong(field, "an unsigned integer")),
         }
     }
@@ -250,7 +252,11 @@ pub fn decode_manifest(bytes: &[u8], max_size: u64) -> Result<Manifest, String> 
             return Err(format!("manifest: min_accuracy {min} is outside 0..=1"));
         }
     }
-    if manifest.notes.as_ref().is_some_and(|n| n.len() > MAX_NOTES_LEN) {
+    if manifest
+        .notes
+        .as_ref()
+        .is_some_and(|n| n.len() > MAX_NOTES_LEN)
+    {
         return Err(format!("manifest: notes exceed {MAX_NOTES_LEN} bytes"));
     }
     Ok(manifest)
@@ -308,9 +314,12 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 fn signature_field(f: &mut Fields) -> Result<[u8; 64], String> {
     use base64::Engine as _;
     match f.take("signature")? {
-        Value::Bytes(b) => b
-            .try_into()
-            .map_err(|b: Vec<u8>| format!("command: field \"signature\" has {} bytes, expected 64", b.len())),
+        Value::Bytes(b) => b.try_into().map_err(|b: Vec<u8>| {
+            format!(
+                "command: field \"signature\" has {} bytes, expected 64",
+                b.len()
+            )
+        }),
         Value::Text(t) => base64::engine::general_purpose::STANDARD
             .decode(t.trim())
             .ok()
@@ -344,10 +353,7 @@ pub fn encode_manifest(m: &Manifest) -> Vec<u8> {
             "min_accuracy",
             m.min_accuracy.map_or(Value::Null, Value::Float),
         ),
-        field(
-            "notes",
-            m.notes.clone().map_or(Value::Null, Value::Text),
-        ),
+        field("notes", m.notes.clone().map_or(Value::Null, Value::Text)),
     ]))
 }
 
@@ -410,7 +416,10 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let m = manifest();
-        assert_eq!(decode_manifest(&encode_manifest(&m), u64::MAX), Ok(m.clone()));
+        assert_eq!(
+            decode_manifest(&encode_manifest(&m), u64::MAX),
+            Ok(m.clone())
+        );
         let push = PushMessage::Manifest(SignedManifest {
             transfer_id: [1; 16],
             manifest: encode_manifest(&m),
@@ -447,7 +456,11 @@ mod tests {
 
     #[test]
     fn bad_manifests_name_the_fault() {
-        check_manifest(|m| m.version = 0, u64::MAX, "manifest: version must be 1 or more");
+        check_manifest(
+            |m| m.version = 0,
+            u64::MAX,
+            "manifest: version must be 1 or more",
+        );
         check_manifest(
             |m| m.chunks = 4,
             u64::MAX,
@@ -474,7 +487,10 @@ mod tests {
             "manifest: min_accuracy 1.5 is outside 0..=1",
         );
         assert_eq!(
-            decode_manifest(&cbor(vec![field("name", Value::Text("digits".into()))]), u64::MAX),
+            decode_manifest(
+                &cbor(vec![field("name", Value::Text("digits".into()))]),
+                u64::MAX
+            ),
             Err("manifest: field \"version\" missing".to_string())
         );
         assert_eq!(
