@@ -288,8 +288,8 @@ pub fn run_push(args: &PushArgs) -> Result<(), PushError> {
     let outcomes = exchange(
         &args.target,
         Outgoing::Push {
-            signed,
-            manifest,
+            signed: Box::new(signed),
+            manifest: Box::new(manifest),
             bundle: Arc::new(bundle_bytes),
         },
     )?;
@@ -373,8 +373,8 @@ fn report(
 
 enum Outgoing {
     Push {
-        signed: SignedManifest,
-        manifest: Manifest,
+        signed: Box<SignedManifest>,
+        manifest: Box<Manifest>,
         bundle: Arc<Vec<u8>>,
     },
     /// A command's bytes and the version it names.
@@ -523,7 +523,7 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                         bundle,
                     } => {
                         let manifest_message =
-                            wire::encode_push(&PushMessage::Manifest(signed.clone()));
+                            wire::encode_push(&PushMessage::Manifest(*signed.clone()));
                         let chunk = |index: u64| {
                             let start = (index * manifest.chunk_size) as usize;
                             let end = (start + manifest.chunk_size as usize).min(bundle.len());

@@ -150,7 +150,7 @@ impl Store {
             })
             .filter_map(|e| read_installed(&e.path()))
             .collect();
-        all.sort_by(|a, b| b.release.version.cmp(&a.release.version));
+        all.sort_by_key(|i| std::cmp::Reverse(i.release.version));
         all
     }
 
