@@ -263,7 +263,10 @@ pub(crate) mod tests {
     fn hostile_bundles_are_refused_with_the_member_at_fault() {
         use tar::EntryType as T;
         let model = raw_entry("model.onnx", T::Regular, b"onnx", None);
-        check_bundle(&archive(std::slice::from_ref(&model)), Ok(vec!["model.onnx"]));
+        check_bundle(
+            &archive(std::slice::from_ref(&model)),
+            Ok(vec!["model.onnx"]),
+        );
         check_bundle(
             &archive(&[model.clone(), raw_entry("../x", T::Regular, b"x", None)]),
             Err("bundle: member \"../x\" not allowed (members sit at the root, without directories)"),
