@@ -436,6 +436,25 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
         "accuracy: min_accuracy 0.9 is set but the bundle has no dataset.npz to measure it on",
     );
 
+    // A worse model: the same network with a dataset whose labels are shifted by one, so its
+    // top-1 there is far below the active model's.
+    let worse = bundle_of_bytes(&[
+        ("model.onnx", onnx.clone()),
+        ("dataset.npz", shifted_labels_dataset()),
+    ]);
+    let t = Transfer::new(&worse, 2, k, "ops-1");
+    t.send_all(port, device);
+    let event = wait_event(&sub, device, &t.id, "rejected", WAIT);
+    let reason = event["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("accuracy 0.")
+            && reason.ends_with(&format!(
+                "is more than max_accuracy_drop 0.01 below the active model's {:.4}",
+                digits_accuracy()
+            )),
+        "{reason}"
+    );
+
     // A second push while one is in progress: older or equal is busy, newer supersedes.
     let first = Transfer::new(&digits, 5, k, "ops-1");
     first.send(port, device, [0]);
@@ -479,6 +498,35 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
     t.send(port, device, order);
     wait_event(&sub, device, &t.id, "activated", WAIT);
     assert!(!daemon.log().contains("panicked"));
+}
+
+fn bundle_of_bytes(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    plaster_agent::ota::bundle::build(members).unwrap()
+}
+
+/// The digits validation set with every label moved to the next class.
+fn shifted_labels_dataset() -> Vec<u8> {
+    use ndarray_npy::{NpzReader, NpzWriter};
+    use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
+    let mut npz =
+        NpzReader::new(std::fs::File::open(model_path("digits/dataset.npz")).unwrap()).unwrap();
+    let x: ArrayD<f32> = npz
+        .by_name::<_, IxDyn>("x.npy")
+        .or_else(|_| npz.by_name::<_, IxDyn>("x"))
+        .unwrap();
+    let y: ArrayD<i64> = npz
+        .by_name::<_, IxDyn>("y.npy")
+        .or_else(|_| npz.by_name::<_, IxDyn>("y"))
+        .unwrap();
+    let y = y.mapv(|label| (label + 1) % 10);
+    let mut out = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = NpzWriter::new(&mut out);
+        writer.add_array("x", &x).unwrap();
+        writer.add_array("y", &y).unwrap();
+        writer.finish().unwrap();
+    }
+    out.into_inner()
 }
 
 fn sha_hex(bytes: &[u8]) -> String {
