@@ -469,15 +469,24 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
         format!("superseded by transfer {} (version 6)", newer.id_hex())
     );
 
-    // The newer one stalls: the device reports what is missing, then drops it at the deadline.
-    let missing = wait_event(&sub, device, &newer.id, "receiving", WAIT);
-    let last = newer.chunks.len() - 1;
-    let deadline = wait_event(&sub, device, &newer.id, "rejected", WAIT);
+    // The same bundle pushed again (a re-run `push`, a new transfer id) starts over.
+    let again = Transfer::new(&digits, 6, k, "ops-1");
+    again.send(port, device, []);
+    let event = wait_event(&sub, device, &newer.id, "rejected", WAIT);
+    assert_eq!(
+        event["reason"],
+        format!("superseded by transfer {} (version 6)", again.id_hex())
+    );
+
+    // It stalls: the device reports what is missing, then drops it at the deadline.
+    let missing = wait_event(&sub, device, &again.id, "receiving", WAIT);
+    let last = again.chunks.len() - 1;
+    let deadline = wait_event(&sub, device, &again.id, "rejected", WAIT);
     assert_eq!(
         deadline["reason"],
         format!(
             "transfer incomplete after its 3 s deadline: {0} of {0} chunks missing ({1})",
-            newer.chunks.len(),
+            again.chunks.len(),
             if last == 0 {
                 "0".to_string()
             } else {

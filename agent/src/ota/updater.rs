@@ -2,9 +2,10 @@
 //! the spool, so events survive a broker outage and are never dropped), the retained model
 //! state kept current, and the PLASTER learning figures counted and persisted.
 //!
-//! Policy for a manifest that arrives while a transfer is in progress: a newer version
-//! supersedes it (the old transfer is rejected as superseded); the same or an older version is
-//! refused as busy. The same manifest again (same transfer id) is answered with what is missing.
+//! Policy for a manifest that arrives while a transfer is in progress: a newer version, or the
+//! same bundle pushed again under a new transfer id, supersedes it (the old transfer is
+//! rejected as superseded); any other manifest is refused as busy. The same manifest again
+//! (same transfer id) is answered with what is missing.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -409,7 +410,11 @@ impl Updater {
             );
         }
         if let Some(current) = self.transfer.take() {
-            if manifest.version > current.manifest.version {
+            // A newer version wins; so does the same bundle pushed again (an operator re-ran
+            // `push` after losing the first one), which starts over.
+            let same_bundle = manifest.version == current.manifest.version
+                && manifest.sha256 == current.manifest.sha256;
+            if manifest.version > current.manifest.version || same_bundle {
                 let reason = format!(
                     "superseded by transfer {} (version {})",
                     hex_id(&id),
