@@ -156,6 +156,11 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     assert_eq!(run.code, 0, "push v3: {}\n{}", run.stdout, run.stderr);
     let state = model_state(&broker, device, |v| v["active"]["version"] == 3);
     assert_eq!(state["previous"][0]["version"], 2);
+    assert_eq!(
+        state["previous"][0]["sha256"], state["active"]["sha256"],
+        "the same model.onnx"
+    );
+    assert_eq!(state["active"]["sha256"].as_str().unwrap().len(), 64);
     let metrics = &state["last_result"]["metrics"];
     assert_eq!(metrics["model"]["version"], 3);
     assert!(

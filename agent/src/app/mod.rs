@@ -255,15 +255,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 sha256: model_ref.sha256.clone(),
                 activated_at: rfc3339(engine.loaded_at),
             },
-            previous: store
-                .previous()
-                .into_iter()
-                .map(|i| ModelRef {
-                    name: i.release.name,
-                    version: Some(i.release.version),
-                    sha256: String::new(),
-                })
-                .collect(),
+            previous: crate::ota::updater::previous_refs(&store),
             last_result: None,
         },
         capabilities: capabilities(

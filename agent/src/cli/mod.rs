@@ -56,6 +56,35 @@ pub enum Command {
     Rollback(push::RollbackArgs),
 }
 
+/// How an operator command (`watch`, `push`, `rollback`) logs in to the broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerLogin {
+    #[arg(long, value_name = "NAME")]
+    pub username: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) that verify an mqtts:// broker
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for brokers that require mutual TLS
+    #[arg(long, value_name = "PATH", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl BrokerLogin {
+    pub fn connection(&self) -> crate::mqtt::options::Connection {
+        crate::mqtt::options::Connection {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
     /// The configuration file; drop-ins are read from PATH.d/*.toml, then PLASTER_* variables

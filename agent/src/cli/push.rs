@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::BrokerUrl;
-use crate::mqtt::options::{Connection, MqttError};
+use crate::mqtt::options::MqttError;
 use crate::mqtt::topics::{Topics, ALL_DEVICES};
 use crate::ota::bundle::{self, MEMBERS};
 use crate::ota::wire::{self, Chunk, Command, Manifest, PushMessage, SignedManifest};
@@ -55,16 +55,8 @@ pub struct BrokerArgs {
     /// Give up waiting for a device's result after this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 900)]
     pub timeout: u64,
-    #[arg(long, value_name = "NAME")]
-    pub username: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub password_file: Option<PathBuf>,
-    #[arg(long, value_name = "PATH")]
-    pub ca_file: Option<PathBuf>,
-    #[arg(long, value_name = "PATH", requires = "key_file")]
-    pub cert_file: Option<PathBuf>,
-    #[arg(long, value_name = "PATH", requires = "cert_file")]
-    pub key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub login: super::BrokerLogin,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -371,6 +363,14 @@ fn report(
     Ok(())
 }
 
+/// Publishes at QoS 1 (waiting for room in the client's queue); false once the client is gone.
+async fn send(client: &AsyncClient, topic: &str, bytes: Vec<u8>) -> bool {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, bytes)
+        .await
+        .is_ok()
+}
+
 enum Outgoing {
     Push {
         signed: Box<SignedManifest>,
@@ -384,13 +384,7 @@ enum Outgoing {
 /// Connects, finds the targets, sends, answers resend requests, and collects every target's
 /// final event.
 fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Outcome>, PushError> {
-    let connection = Connection {
-        username: args.username.clone(),
-        password_file: args.password_file.clone(),
-        ca_file: args.ca_file.clone(),
-        cert_file: args.cert_file.clone(),
-        key_file: args.key_file.clone(),
-    };
+    let connection = args.login.connection();
     let client_id = format!("plaster-push-{}", hex::encode(rand::random::<[u8; 6]>()));
     let options = connection.options(&args.broker, &client_id, Duration::from_secs(30), true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -512,9 +506,7 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                 match outgoing {
                     Outgoing::Command(bytes, _) => {
                         for (_, cmd) in &targets {
-                            let _ = client
-                                .publish(cmd.clone(), QoS::AtLeastOnce, false, bytes.clone())
-                                .await;
+                            send(&client, cmd, bytes.clone()).await;
                         }
                     }
                     Outgoing::Push {
@@ -534,50 +526,23 @@ fn exchange(args: &BrokerArgs, outgoing: Outgoing) -> Result<BTreeMap<String, Ou
                             }))
                         };
                         for (target_ix, (topic, _)) in targets.iter().enumerate() {
-                            let topic = topic.clone();
-                            let _ = client
-                                .publish(
-                                    topic.clone(),
-                                    QoS::AtLeastOnce,
-                                    false,
-                                    manifest_message.clone(),
-                                )
-                                .await;
+                            send(&client, topic, manifest_message.clone()).await;
                             for index in 0..manifest.chunks {
-                                let bytes = chunk(index);
-                                if client
-                                    .publish(topic.clone(), QoS::AtLeastOnce, false, bytes)
-                                    .await
-                                    .is_err()
-                                {
+                                if !send(&client, topic, chunk(index)).await {
                                     return;
                                 }
                                 if target_ix == 0 {
-                                    bar.inc(
-                                        manifest
-                                            .chunk_size
-                                            .min(manifest.size - index * manifest.chunk_size),
-                                    );
+                                    let sent = manifest.size - index * manifest.chunk_size;
+                                    bar.inc(manifest.chunk_size.min(sent));
                                 }
                             }
                         }
                         bar.set_prefix("waiting");
+                        // Devices report missing ranges after a pause or a restart.
                         while let Some((device, indices)) = resend_rx.recv().await {
                             let topic = push_topic_of(&device);
-                            if indices.is_empty() {
-                                let _ = client
-                                    .publish(
-                                        topic.clone(),
-                                        QoS::AtLeastOnce,
-                                        false,
-                                        manifest_message.clone(),
-                                    )
-                                    .await;
-                            }
                             for index in indices {
-                                let _ = client
-                                    .publish(topic.clone(), QoS::AtLeastOnce, false, chunk(index))
-                                    .await;
+                                send(&client, &topic, chunk(index)).await;
                             }
                         }
                     }

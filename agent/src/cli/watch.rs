@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde::Deserialize;
 
 use crate::config::BrokerUrl;
-use crate::mqtt::options::{Connection, MqttError, REQUEST_CHANNEL_CAPACITY};
+use crate::mqtt::options::{MqttError, REQUEST_CHANNEL_CAPACITY};
 use crate::mqtt::topics::Topics;
 use crate::telemetry::record::{self, ModelRef, Telemetry};
 
@@ -25,18 +24,8 @@ pub struct WatchArgs {
     /// The fleet to watch (the topic level plaster/v1/<fleet>/...)
     #[arg(long, value_name = "F")]
     pub fleet: String,
-    #[arg(long, value_name = "NAME")]
-    pub username: Option<String>,
-    #[arg(long, value_name = "PATH")]
-    pub password_file: Option<PathBuf>,
-    /// CA certificate(s) that verify an mqtts:// broker
-    #[arg(long, value_name = "PATH")]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key for brokers that require mutual TLS
-    #[arg(long, value_name = "PATH", requires = "key_file")]
-    pub cert_file: Option<PathBuf>,
-    #[arg(long, value_name = "PATH", requires = "cert_file")]
-    pub key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub login: super::BrokerLogin,
     /// Stop after this many messages (for scripts); by default run until interrupted
     #[arg(long, value_name = "N")]
     pub updates: Option<u64>,
@@ -189,13 +178,7 @@ fn decode_any<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, String>
 }
 
 pub fn run(args: &WatchArgs) -> Result<(), WatchError> {
-    let connection = Connection {
-        username: args.username.clone(),
-        password_file: args.password_file.clone(),
-        ca_file: args.ca_file.clone(),
-        cert_file: args.cert_file.clone(),
-        key_file: args.key_file.clone(),
-    };
+    let connection = args.login.connection();
     let client_id = format!("plaster-watch-{}", hex::encode(rand::random::<[u8; 6]>()));
     let options = connection.options(&args.broker, &client_id, Duration::from_secs(30), true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

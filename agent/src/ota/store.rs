@@ -30,7 +30,21 @@ pub struct Release {
     pub version: u64,
     /// SHA-256 of the bundle as pushed (hex).
     pub bundle_sha256: String,
+    /// SHA-256 of its `model.onnx` (hex): what status and telemetry call the model's sha256.
+    #[serde(default)]
+    pub model_sha256: String,
     pub installed_at: String,
+}
+
+impl Installed {
+    /// How status and model state name this version.
+    pub fn model_ref(&self) -> crate::telemetry::record::ModelRef {
+        crate::telemetry::record::ModelRef {
+            name: self.release.name.clone(),
+            version: Some(self.release.version),
+            sha256: self.release.model_sha256.clone(),
+        }
+    }
 }
 
 /// A version directory and its release.
@@ -91,7 +105,8 @@ impl Store {
     /// Makes the staged directory (the unpacked bundle) a complete installed version: writes
     /// its `release.json`, fsyncs, renames it into place. An older install of the same version
     /// (a rolled-back one pushed again) is replaced.
-    pub fn install(&self, staged: &Path, release: Release) -> io::Result<Installed> {
+    pub fn install(&self, staged: &Path, mut release: Release) -> io::Result<Installed> {
+        release.model_sha256 = sha256_file(&staged.join(super::bundle::MODEL_MEMBER))?;
         let json = serde_json::to_vec_pretty(&release).expect("release serializes");
         write_synced(&staged.join(RELEASE_FILE), &json)?;
         sync_dir(staged)?;
@@ -193,6 +208,13 @@ impl Store {
     }
 }
 
+fn sha256_file(path: &Path) -> io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    io::copy(&mut fs::File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// The release of a version directory; `None` for anything incomplete.
 pub fn read_installed(dir: &Path) -> Option<Installed> {
     let bytes = fs::read(dir.join(RELEASE_FILE)).ok()?;
@@ -212,6 +234,7 @@ mod tests {
             name: "digits".into(),
             version,
             bundle_sha256: "00".into(),
+            model_sha256: String::new(),
             installed_at: "2026-11-27T00:00:00Z".into(),
         }
     }

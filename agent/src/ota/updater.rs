@@ -244,6 +244,24 @@ impl Updater {
         }
     }
 
+    /// A `rejected` event that counts no update (a refused command, a failed rollback).
+    fn refuse(
+        &self,
+        transfer_id: TransferId,
+        version: u64,
+        reason: String,
+        metrics: Option<Report>,
+    ) {
+        self.publish(self.event(
+            transfer_id,
+            version,
+            "rejected",
+            Some(reason),
+            None,
+            metrics,
+        ));
+    }
+
     fn save_learned(&self, edit: impl FnOnce(&mut Learned)) {
         let mut learned = lock(&self.parts.learned);
         edit(&mut learned);
@@ -263,14 +281,7 @@ impl Updater {
 
     fn reject(&mut self, transfer_id: TransferId, version: u64, error: &UpdateError) {
         self.save_learned(|l| l.updates_rejected += 1);
-        self.publish(self.event(
-            transfer_id,
-            version,
-            "rejected",
-            Some(error.to_string()),
-            None,
-            None,
-        ));
+        self.refuse(transfer_id, version, error.to_string(), None);
         self.remember_ended(transfer_id);
     }
 
@@ -458,14 +469,7 @@ impl Updater {
                     "chunk for unknown transfer {}: send its manifest first (or the transfer already ended)",
                     hex_id(&chunk.transfer_id)
                 ));
-                self.publish(self.event(
-                    chunk.transfer_id,
-                    0,
-                    "rejected",
-                    Some(error.to_string()),
-                    None,
-                    None,
-                ));
+                self.refuse(chunk.transfer_id, 0, error.to_string(), None);
                 self.remember_ended(chunk.transfer_id);
             }
             return;
@@ -534,6 +538,7 @@ impl Updater {
             name: transfer.manifest.name.clone(),
             version,
             bundle_sha256: hex::encode(transfer.manifest.sha256),
+            model_sha256: String::new(),
             installed_at: rfc3339(SystemTime::now()),
         };
         let min_accuracy = transfer.manifest.min_accuracy;
@@ -683,17 +688,7 @@ impl Updater {
     /// Republishes the retained status and model state after the active model changed.
     fn refresh_state(&self) {
         let active = self.active();
-        let previous: Vec<ModelRef> = self
-            .parts
-            .store
-            .previous()
-            .into_iter()
-            .map(|i| ModelRef {
-                name: i.release.name,
-                version: Some(i.release.version),
-                sha256: String::new(),
-            })
-            .collect();
+        let previous = previous_refs(&self.parts.store);
         let model = ModelRef {
             name: active.name().to_string(),
             version: active.version(),
@@ -814,14 +809,7 @@ impl Updater {
             .verify(key_id, &wire::rollback_message(version), signature)
         {
             tracing::warn!("rollback command refused: {e}");
-            return self.publish(self.event(
-                id,
-                version,
-                "rejected",
-                Some(format!("rollback: {e}")),
-                None,
-                None,
-            ));
+            return self.refuse(id, version, format!("rollback: {e}"), None);
         }
         let active = self.active().version();
         if active != Some(version) {
@@ -833,7 +821,7 @@ impl Updater {
                     format!("rollback: version {version} is not active (the configured model is)")
                 }
             };
-            return self.publish(self.event(id, version, "rejected", Some(reason), None, None));
+            return self.refuse(id, version, reason, None);
         }
         self.canary = None;
         let reason = format!("rollback command signed by {key_id:?}");
@@ -860,14 +848,7 @@ impl Updater {
             }
             None if model_config.path == store.active_path() => {
                 let reason = format!("{reason}; but there is no previous version to roll back to");
-                return self.publish(self.event(
-                    transfer_id,
-                    version,
-                    "rejected",
-                    Some(reason),
-                    None,
-                    metrics,
-                ));
+                return self.refuse(transfer_id, version, reason, metrics);
             }
             None => None,
         };
@@ -889,14 +870,7 @@ impl Updater {
             Ok(loaded) => loaded,
             Err(e) => {
                 let reason = format!("{reason}; but the previous version does not load: {e}");
-                return self.publish(self.event(
-                    transfer_id,
-                    version,
-                    "rejected",
-                    Some(reason),
-                    None,
-                    metrics,
-                ));
+                return self.refuse(transfer_id, version, reason, metrics);
             }
         };
         let written = tokio::task::block_in_place(|| match &target {
@@ -905,14 +879,7 @@ impl Updater {
         });
         if let Err(e) = written {
             let reason = format!("{reason}; but the active link could not be written: {e}");
-            return self.publish(self.event(
-                transfer_id,
-                version,
-                "rejected",
-                Some(reason),
-                None,
-                metrics,
-            ));
+            return self.refuse(transfer_id, version, reason, metrics);
         }
         let serving = self.parts.serving.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || serving.swap(active, served)).await
@@ -933,6 +900,11 @@ impl Updater {
         ));
         self.refresh_state();
     }
+}
+
+/// The versions kept for rollback, as the retained model state lists them.
+pub fn previous_refs(store: &Store) -> Vec<ModelRef> {
+    store.previous().iter().map(Installed::model_ref).collect()
 }
 
 /// `3..5, 9` for the event reasons.
