@@ -223,6 +223,9 @@ pub struct OtaConfig {
     pub canary_max_latency_increase: f64,
     pub canary_max_energy_increase: f64,
     pub canary_max_error_rate: f64,
+    /// The optional latency gate at validation: refuse a version whose p90 is more than this
+    /// fraction above the active model's, measured side by side; `None`: no gate.
+    pub max_latency_increase: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -805,6 +808,7 @@ impl Reader<'_> {
             canary_max_error_rate: self
                 .number("ota.canary_max_error_rate", 0.0, 1.0)
                 .unwrap_or(DEFAULT_CANARY_MAX_ERROR_RATE),
+            max_latency_increase: self.number("ota.max_latency_increase", 0.0, 1000.0),
         };
         let workload = WorkloadConfig {
             rate_per_s: self.number("workload.rate_per_s", 0.0, 1e6).unwrap_or(0.0),

@@ -773,3 +773,41 @@ fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
         .count();
     assert_eq!(staged, 0);
 }
+
+#[test]
+fn the_optional_latency_gate_refuses_a_much_slower_version() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = Key::generate(dir.path(), "ops-1");
+    let device = "ota-latency";
+    let sub = Subscriber::connect(
+        broker.port,
+        "ota-latency-dashboard",
+        true,
+        &["plaster/v1/lab/#"],
+    );
+    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
+    config.extra = key.ota_section("canary_s = 0\nmax_latency_increase = 1.0");
+    let config = config.write(dir.path());
+    let daemon = Daemon::start(&config);
+    let addr = daemon.api_addr();
+    daemon.wait_for_log("inference API serving", WAIT);
+    online(&sub, device);
+    // SqueezeNet is about a thousand times slower than digits: far past +100 %.
+    let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
+    let t = Transfer::new(&bundle, 2, &key.signing, "ops-1");
+    t.send_all(broker.port, device);
+    let event = wait_event(&sub, device, &t.id, "rejected", WAIT);
+    let reason = event["reason"].as_str().unwrap();
+    assert!(reason.starts_with("latency: p90 "), "{reason}");
+    assert!(
+        reason.ends_with(" ms (ota.max_latency_increase)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("is more than 100 % above the active model's"),
+        "{reason}"
+    );
+    // Refused before the swap: the active model still answers.
+    assert_eq!(infer_digits(&addr).status, 200);
+}

@@ -58,6 +58,12 @@ pub enum UpdateError {
         "accuracy: min_accuracy {0} is set but the bundle has no dataset.npz to measure it on"
     )]
     NoDataset(f64),
+    #[error("latency: p90 {new_ms:.3} ms is more than {:.0} % above the active model's {active_ms:.3} ms (ota.max_latency_increase)", limit * 100.0)]
+    Latency {
+        new_ms: f64,
+        active_ms: f64,
+        limit: f64,
+    },
     #[error("{0}")]
     Busy(String),
 }

@@ -38,6 +38,11 @@ const REMEMBER_ENDED: usize = 32;
 const CANARY_STRIKES: u32 = 2;
 /// Telemetry windows of the previous version kept as the canary's baseline.
 const BASELINE_WINDOWS: usize = 5;
+/// The optional latency gate times each model for at least this many runs and this long
+/// (and at most `GATE_MAX_RUNS`), one after the other on the same inputs.
+const GATE_MIN_RUNS: u32 = 20;
+const GATE_MIN_TIME: Duration = Duration::from_millis(300);
+const GATE_MAX_RUNS: u32 = 1000;
 
 /// What the MQTT link hands the updater.
 #[derive(Debug)]
@@ -622,6 +627,8 @@ impl Updater {
             .as_ref()
             .map(|a| a.value);
         let max_drop = self.parts.config.ota.max_accuracy_drop;
+        let max_latency_increase = self.parts.config.ota.max_latency_increase;
+        let current = self.active();
         tokio::task::spawn_blocking(move || {
             let engine = load_engine(&model_config, Some(&release))
                 .map_err(|e| UpdateError::Model(e.to_string()))?;
@@ -641,6 +648,20 @@ impl Updater {
                         value: accuracy.value,
                         active,
                         drop: max_drop,
+                    });
+                }
+            }
+            if let Some(limit) = max_latency_increase {
+                let timed = |prepared: &crate::inference::PreparedModel| {
+                    gate_p90_ms(prepared).map_err(|e| UpdateError::Model(e.to_string()))
+                };
+                let (new_ms, active_ms) =
+                    (timed(&engine.prepared)?, timed(&current.engine.prepared)?);
+                if new_ms > active_ms * (1.0 + limit) {
+                    return Err(UpdateError::Latency {
+                        new_ms,
+                        active_ms,
+                        limit,
                     });
                 }
             }
@@ -900,6 +921,25 @@ impl Updater {
         ));
         self.refresh_state();
     }
+}
+
+/// p90 latency in ms of `prepared` on synthetic inputs, single stream, after one warm-up run.
+fn gate_p90_ms(
+    prepared: &crate::inference::PreparedModel,
+) -> Result<f64, crate::inference::InferenceError> {
+    let mut session = prepared.session()?;
+    let inputs = prepared.synthetic_inputs(0)?;
+    session.run(inputs.clone())?;
+    let mut latency = crate::plaster::latency::LatencyRecorder::new();
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < GATE_MAX_RUNS && (runs < GATE_MIN_RUNS || start.elapsed() < GATE_MIN_TIME) {
+        let t = Instant::now();
+        session.run(inputs.clone())?;
+        latency.record(t.elapsed());
+        runs += 1;
+    }
+    Ok(latency.quantile(0.9).as_secs_f64() * 1e3)
 }
 
 /// The versions kept for rollback, as the retained model state lists them.
