@@ -676,7 +676,11 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
         }
         daemon.wait_for_log("inference API serving digits", WAIT);
         // Either way the transaction completes, exactly once, and nothing half-made is left.
-        wait_event(&sub, &device, &t.id, "activated", WAIT);
+        let activated = wait_event(&sub, &device, &t.id, "activated", WAIT);
+        assert_eq!(
+            activated["metrics"]["learning"]["updates_ok"], 1,
+            "after a crash at {step}"
+        );
         model_state(&broker, &device, |v| v["active"]["version"] == 2);
         let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("state/models"))
             .unwrap()

@@ -328,9 +328,26 @@ impl Updater {
                     }) {
                         // The agent stopped after activating but before saying so.
                         let (id, version) = (transfer.id, transfer.manifest.version);
+                        let push_to_active_s = active
+                            .activated_at
+                            .duration_since(transfer.started)
+                            .map(|d| d.as_secs_f64())
+                            .ok();
                         transfer.remove();
                         self.remember_ended(id);
-                        self.publish(self.event(id, version, "activated", None, None, None));
+                        self.save_learned(|l| {
+                            l.updates_ok += 1;
+                            l.push_to_active_s = push_to_active_s;
+                        });
+                        let metrics = self.validation_report(&active);
+                        self.publish(self.event(
+                            id,
+                            version,
+                            "activated",
+                            None,
+                            None,
+                            Some(metrics),
+                        ));
                         continue;
                     }
                     tracing::info!(
