@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::config::BrokerUrl;
 use crate::mqtt::options::{MqttError, REQUEST_CHANNEL_CAPACITY};
 use crate::mqtt::topics::Topics;
-use crate::telemetry::record::{self, ModelRef, Telemetry};
+use crate::telemetry::record::{self, ModelRef, Telemetry, UpdateEvent};
 
 /// A dashboard reconnects quickly: it holds no state a retry could disturb.
 const RETRY: Duration = Duration::from_secs(2);
@@ -51,6 +51,8 @@ pub struct DeviceRow {
     pub last_seq: Option<u64>,
     /// Telemetry records never seen: the sum of the jumps in `seq`.
     pub seq_gaps: u64,
+    /// The last model update event: `v3 activated`, `v4 rejected: <reason>`.
+    pub update: Option<String>,
     pub problem: Option<String>,
 }
 
@@ -69,7 +71,7 @@ struct Status {
 }
 
 impl Fleet {
-    /// Applies one message from `plaster/v1/<fleet>/<device>/{status,telemetry}`.
+    /// Applies one message from `plaster/v1/<fleet>/<device>/{status,telemetry,model/events}`.
     pub fn apply(&mut self, topic: &str, payload: &[u8]) {
         let levels: Vec<&str> = topic.split('/').collect();
         let (Some(device), Some(kind)) = (levels.get(3), levels.get(4)) else {
@@ -106,6 +108,14 @@ impl Fleet {
                 }
                 Err(e) => row.problem = Some(format!("telemetry: {e}")),
             },
+            "model" if levels.get(5) == Some(&"events") => match decode_any::<UpdateEvent>(payload)
+            {
+                Ok(event) => {
+                    let reason = event.reason.map(|r| format!(": {r}")).unwrap_or_default();
+                    row.update = Some(format!("v{} {}{reason}", event.version, event.state));
+                }
+                Err(e) => row.problem = Some(format!("model/events: {e}")),
+            },
             _ => {}
         }
     }
@@ -113,7 +123,7 @@ impl Fleet {
     pub fn render(&self) -> String {
         let mut table = super::table(vec![
             "device", "status", "model", "p50 ms", "p90 ms", "inf/s", "top-1", "J/inf", "battery",
-            "temp °C", "seq", "gaps",
+            "temp °C", "seq", "gaps", "update",
         ]);
         for (id, row) in &self.devices {
             let t = row.telemetry.as_ref();
@@ -166,6 +176,7 @@ impl Fleet {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into()),
                 row.seq_gaps.to_string(),
+                row.update.clone().unwrap_or_else(|| "-".into()),
             ]);
         }
         format!("{table}\n")
@@ -253,9 +264,26 @@ mod tests {
             .as_deref()
             .unwrap()
             .starts_with("telemetry: not a CBOR payload of this type"));
+        let event = UpdateEvent {
+            transfer_id: [1; 16],
+            version: 4,
+            state: "rejected".into(),
+            reason: Some("sha256 mismatch".into()),
+            missing: None,
+            ts: "2026-11-27T00:00:00.000Z".into(),
+            metrics: None,
+        };
+        fleet.apply(
+            "plaster/v1/lab/jetson-1/model/events",
+            &encode(&event, Encoding::Cbor),
+        );
+        assert_eq!(
+            fleet.devices["jetson-1"].update.as_deref(),
+            Some("v4 rejected: sha256 mismatch")
+        );
         let text = fleet.render();
         assert!(
-            text.contains("jetson-1") && text.contains("offline"),
+            text.contains("jetson-1") && text.contains("offline") && text.contains("v4 rejected"),
             "{text}"
         );
     }

@@ -69,10 +69,11 @@ impl Topics {
     }
 
     /// What a fleet dashboard (`watch`) subscribes to.
-    pub fn fleet_wildcard(fleet: &str) -> [String; 2] {
+    pub fn fleet_wildcard(fleet: &str) -> [String; 3] {
         [
             format!("{ROOT}/{fleet}/+/status"),
             format!("{ROOT}/{fleet}/+/telemetry"),
+            format!("{ROOT}/{fleet}/+/model/events"),
         ]
     }
 }
