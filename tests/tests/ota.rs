@@ -10,7 +10,9 @@ use plaster_agent_tests::broker::Broker;
 use plaster_agent_tests::daemon::{Daemon, DaemonConfig};
 use plaster_agent_tests::http;
 use plaster_agent_tests::mqtt::{Message, Subscriber};
-use plaster_agent_tests::ota::{bundle_of, digits_bundle, events_topic, wait_event, Key, Transfer};
+use plaster_agent_tests::ota::{
+    bundle_of, digits_bundle, events_topic, push_topic, wait_event, Key, Transfer,
+};
 use plaster_agent_tests::{agent, model_path, Run, TinyFs};
 use serde_json::{json, Value};
 
@@ -96,20 +98,66 @@ fn infer_digits(addr: &str) -> http::Response {
     )
 }
 
+/// A running agent for one test: its own broker, state directory and signing key, the agent
+/// started with `[ota]` lines `ota`, ready (API serving, subscribed), and a subscriber to the
+/// whole fleet.
+struct Agent {
+    broker: Broker,
+    dir: tempfile::TempDir,
+    key: Key,
+    sub: Subscriber,
+    config: std::path::PathBuf,
+    daemon: Daemon,
+    addr: String,
+}
+
+impl Agent {
+    fn start(device: &str, ota: &str) -> Agent {
+        Agent::start_with(device, ota, |_| {})
+    }
+
+    fn start_with(device: &str, ota: &str, edit: impl FnOnce(&mut DaemonConfig)) -> Agent {
+        let broker = Broker::start();
+        let dir = tempfile::tempdir().unwrap();
+        let key = Key::generate(dir.path(), "ops-1");
+        let sub = Subscriber::connect(
+            broker.port,
+            &format!("{device}-dashboard"),
+            true,
+            &["plaster/v1/lab/#"],
+        );
+        let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
+        config.extra = key.ota_section(ota);
+        edit(&mut config);
+        let config = config.write(dir.path());
+        let daemon = Daemon::start(&config);
+        let addr = daemon.api_addr();
+        daemon.wait_for_log("inference API serving", WAIT);
+        online(&sub, device);
+        Agent {
+            broker,
+            dir,
+            key,
+            sub,
+            config,
+            daemon,
+            addr,
+        }
+    }
+}
+
 #[test]
 fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-1";
-    let sub = Subscriber::connect(broker.port, "ota-dashboard", true, &["plaster/v1/lab/#"]);
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.extra = key.ota_section("canary_s = 0");
-    let config = config.write(dir.path());
-    let mut daemon = Daemon::start(&config);
-    let addr = daemon.api_addr();
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let Agent {
+        broker,
+        dir: _dir,
+        key,
+        sub,
+        config,
+        mut daemon,
+        addr,
+    } = Agent::start(device, "canary_s = 0");
 
     // Inference in a loop across every swap: none may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -261,27 +309,20 @@ fn check_rejected(
 
 #[test]
 fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
-    use plaster_agent_tests::ota::push_topic;
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = Key::generate(dir.path(), "ops-1");
-    let stranger = Key::generate(dir.path(), "stranger");
     let device = "ota-bad";
-    let sub = Subscriber::connect(
-        broker.port,
-        "ota-bad-dashboard",
-        true,
-        &["plaster/v1/lab/#"],
-    );
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.extra = key.ota_section(
+    let Agent {
+        broker,
+        dir,
+        key,
+        sub,
+        config: _config,
+        daemon,
+        addr,
+    } = Agent::start(
+        device,
         "max_bundle_bytes = 4000000\nchunk_pause_s = 0.5\ntransfer_deadline_s = 3\ncanary_s = 0",
     );
-    let config = config.write(dir.path());
-    let daemon = Daemon::start(&config);
-    let addr = daemon.api_addr();
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let stranger = Key::generate(dir.path(), "stranger");
     let port = broker.port;
     let all = |t: &Transfer| t.send_all(port, device);
     let digits = digits_bundle();
@@ -585,22 +626,16 @@ fn tar(entries: &[Vec<u8>]) -> Vec<u8> {
 
 #[test]
 fn a_transfer_resumes_after_the_agent_is_killed() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-resume";
-    let sub = Subscriber::connect(
-        broker.port,
-        "ota-resume-dashboard",
-        true,
-        &["plaster/v1/lab/#"],
-    );
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.extra = key.ota_section("chunk_pause_s = 0.5\ncanary_s = 0");
-    let config = config.write(dir.path());
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let Agent {
+        broker,
+        dir: _dir,
+        key,
+        sub,
+        config,
+        mut daemon,
+        addr: _addr,
+    } = Agent::start(device, "chunk_pause_s = 0.5\ncanary_s = 0");
     // SqueezeNet (5 MB) in 64 KiB chunks: send the first half, then kill the agent.
     let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
     let t = Transfer::with(&bundle, 2, &key.signing, "ops-1", |m| {
@@ -697,23 +732,16 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
 
 #[test]
 fn the_canary_rolls_back_a_version_that_is_much_slower() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-canary";
-    let sub = Subscriber::connect(
-        broker.port,
-        "ota-canary-dashboard",
-        true,
-        &["plaster/v1/lab/#"],
-    );
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.workload_rate_per_s = 40.0;
-    config.extra = key.ota_section("canary_s = 60");
-    let config = config.write(dir.path());
-    let daemon = Daemon::start(&config);
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let Agent {
+        broker,
+        dir: _dir,
+        key,
+        sub,
+        config: _config,
+        daemon: _daemon,
+        addr: _addr,
+    } = Agent::start_with(device, "canary_s = 60", |c| c.workload_rate_per_s = 40.0);
     // A baseline of the current version's windows first.
     for _ in 0..3 {
         sub.wait_for("telemetry", WAIT, |m| m.topic == topic(device, "telemetry"));
@@ -746,25 +774,18 @@ fn the_canary_rolls_back_a_version_that_is_much_slower() {
 
 #[test]
 fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = TinyFs::mount("2m");
-    let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-disk";
-    let sub = Subscriber::connect(
-        broker.port,
-        "ota-disk-dashboard",
-        true,
-        &["plaster/v1/lab/#"],
-    );
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.state_dir = tiny.dir.path().join("state");
-    config.extra = key.ota_section("canary_s = 0");
-    let config = config.write(dir.path());
-    let daemon = Daemon::start(&config);
-    let addr = daemon.api_addr();
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let tiny = TinyFs::mount("2m");
+    let state_dir = tiny.dir.path().join("state");
+    let Agent {
+        broker,
+        dir: _dir,
+        key,
+        sub,
+        config: _config,
+        daemon: _daemon,
+        addr,
+    } = Agent::start_with(device, "canary_s = 0", |c| c.state_dir = state_dir);
     let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
     let t = Transfer::new(&bundle, 2, &key.signing, "ops-1");
     t.send_all(broker.port, device);
@@ -780,23 +801,16 @@ fn a_full_disk_during_staging_rejects_the_push_and_keeps_serving() {
 
 #[test]
 fn the_optional_latency_gate_refuses_a_much_slower_version() {
-    let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let key = Key::generate(dir.path(), "ops-1");
     let device = "ota-latency";
-    let sub = Subscriber::connect(
-        broker.port,
-        "ota-latency-dashboard",
-        true,
-        &["plaster/v1/lab/#"],
-    );
-    let mut config = DaemonConfig::new(dir.path(), device, &broker.url());
-    config.extra = key.ota_section("canary_s = 0\nmax_latency_increase = 1.0");
-    let config = config.write(dir.path());
-    let daemon = Daemon::start(&config);
-    let addr = daemon.api_addr();
-    daemon.wait_for_log("inference API serving", WAIT);
-    online(&sub, device);
+    let Agent {
+        broker,
+        dir: _dir,
+        key,
+        sub,
+        config: _config,
+        daemon: _daemon,
+        addr,
+    } = Agent::start(device, "canary_s = 0\nmax_latency_increase = 1.0");
     // SqueezeNet is about a thousand times slower than digits: far past +100 %.
     let bundle = bundle_of(&[("model.onnx", model_path("squeezenet/model.onnx"))]);
     let t = Transfer::new(&bundle, 2, &key.signing, "ops-1");
