@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::BrokerUrl;
+use crate::inference::ModelSource;
 use crate::mqtt::options::MqttError;
 use crate::mqtt::topics::{Topics, ALL_DEVICES};
 use crate::ota::bundle::{self, MEMBERS};
@@ -134,17 +135,12 @@ fn read(path: &Path) -> Result<Vec<u8>, PushError> {
     })
 }
 
-/// The bundle's bytes and its default name.
+/// The bundle's bytes and its default name: a `.tar`'s file stem, else the name the agent
+/// itself gives the model (`ModelSource`: a bundle directory's name, a file's stem, or the
+/// directory of a `model.onnx`).
 pub fn build_bundle(model: &Path, dataset: Option<&Path>) -> Result<(Vec<u8>, String), PushError> {
-    let stem = |p: &Path| {
-        p.canonicalize()
-            .unwrap_or_else(|_| p.to_path_buf())
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("model")
-            .to_string()
-    };
-    let (bytes, name) = if model.is_dir() {
+    let is_tar = model.extension().is_some_and(|e| e == "tar");
+    let bytes = if model.is_dir() {
         let mut members = Vec::new();
         for member in MEMBERS {
             let path = model.join(member);
@@ -158,45 +154,38 @@ pub fn build_bundle(model: &Path, dataset: Option<&Path>) -> Result<(Vec<u8>, St
         if let Some(dataset) = dataset {
             members.push(("dataset.npz", read(dataset)?));
         }
-        (
-            bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?,
-            stem(model),
-        )
-    } else if model.extension().is_some_and(|e| e == "tar") {
+        bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?
+    } else if is_tar {
         if dataset.is_some() {
             return Err(PushError::Invalid(
                 "--dataset cannot be added to a ready .tar bundle (put dataset.npz in it)".into(),
             ));
         }
-        (read(model)?, stem(model))
+        read(model)?
     } else {
         let mut members = vec![("model.onnx", read(model)?)];
         if let Some(dataset) = dataset {
             members.push(("dataset.npz", read(dataset)?));
         }
-        let name = match stem(model).as_str() {
-            "model" => model
-                .canonicalize()
-                .ok()
-                .and_then(|p| {
-                    p.parent()
-                        .and_then(|d| d.file_name())
-                        .and_then(|s| s.to_str())
-                        .map(String::from)
-                })
-                .unwrap_or_else(|| "model".into()),
-            other => other.to_string(),
-        };
-        (
-            bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?,
-            name,
-        )
+        bundle::build(&members).map_err(|e| PushError::Invalid(e.to_string()))?
     };
     // The devices' own rules, before anything is sent.
-    bundle::check(bytes.as_slice(), bytes.len() as u64).map_err(|e| PushError::Input {
+    let input_error = |message: String| PushError::Input {
         path: model.to_path_buf(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    bundle::check(bytes.as_slice(), bytes.len() as u64).map_err(|e| input_error(e.to_string()))?;
+    let name = if is_tar {
+        model
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string()
+    } else {
+        ModelSource::resolve(model)
+            .map_err(|e| input_error(e.to_string()))?
+            .name
+    };
     Ok((bytes, name))
 }
 

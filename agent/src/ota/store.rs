@@ -181,30 +181,33 @@ impl Store {
     /// Removes installed versions beyond the `keep` newest previous ones, and any version
     /// newer than the active one (a rolled-back version is not kept).
     pub fn prune(&self, keep: usize) {
-        let active = self.active();
-        let Some(active) = active else { return };
+        let Some(active) = self.active() else { return };
+        let kept: Vec<PathBuf> = self
+            .previous()
+            .into_iter()
+            .take(keep)
+            .map(|p| p.dir)
+            .collect();
         for installed in self.installed() {
-            let older_kept = self
-                .previous()
-                .iter()
-                .take(keep)
-                .any(|p| p.dir == installed.dir);
-            if installed.dir != active.dir && !older_kept {
-                if let Err(e) = fs::remove_dir_all(&installed.dir) {
-                    tracing::warn!("removing {}: {e}", installed.dir.display());
-                }
+            if installed.dir != active.dir && !kept.contains(&installed.dir) {
+                remove_version(&installed.dir);
             }
         }
     }
 
     /// Removes one installed version that is not active (a rolled-back one).
     pub fn remove(&self, installed: &Installed) {
-        if self.active().is_some_and(|a| a.dir == installed.dir) {
-            return;
+        if self.active().is_none_or(|a| a.dir != installed.dir) {
+            remove_version(&installed.dir);
         }
-        if let Err(e) = fs::remove_dir_all(&installed.dir) {
-            tracing::warn!("removing {}: {e}", installed.dir.display());
-        }
+    }
+}
+
+/// Deletes a version directory; a failure leaves a stale directory behind, which only costs
+/// space, so it is logged, not raised.
+fn remove_version(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        tracing::warn!("removing {}: {e}", dir.display());
     }
 }
 

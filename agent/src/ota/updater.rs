@@ -218,20 +218,17 @@ impl Updater {
     /// Spools an event for `P/model/events`; final ones also become the retained state's
     /// `last_result`.
     fn publish(&self, event: UpdateEvent) {
-        match &event.reason {
-            Some(reason) => tracing::info!(
-                "update {} v{}: {} ({reason})",
-                hex_id(&event.transfer_id),
-                event.version,
-                event.state
-            ),
-            None => tracing::info!(
-                "update {} v{}: {}",
-                hex_id(&event.transfer_id),
-                event.version,
-                event.state
-            ),
-        }
+        tracing::info!(
+            "update {} v{}: {}{}",
+            hex_id(&event.transfer_id),
+            event.version,
+            event.state,
+            event
+                .reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
         let payload = record::encode(&event, self.parts.encoding);
         if let Err(e) =
             lock(&self.parts.spool).push(RecordKind::Event, &self.parts.events_topic, &payload)
@@ -637,16 +634,11 @@ impl Updater {
         model_config.path = installed.dir.clone();
         let release = installed.release.clone();
         let serving = self.parts.serving.clone();
-        let current_accuracy = self
-            .active()
-            .engine
-            .accuracy_at_load
-            .as_ref()
-            .map(|a| a.value);
         let max_drop = self.parts.config.ota.max_accuracy_drop;
         let max_latency_increase = self.parts.config.ota.max_latency_increase;
         let current = self.active();
         tokio::task::spawn_blocking(move || {
+            let current_accuracy = current.engine.accuracy_at_load.as_ref().map(|a| a.value);
             let engine = load_engine(&model_config, Some(&release))
                 .map_err(|e| UpdateError::Model(e.to_string()))?;
             match (&engine.accuracy_at_load, min_accuracy) {
