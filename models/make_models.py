@@ -77,12 +77,14 @@ def he_normal(rng, shape):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
 
-def make_squeezenet():
+def materialise_light(name, rng, graph_name):
+    """The `onnx` package's "light" backend-test model `name` with every ConstantOfShape weight
+    materialised as a seeded initialiser (He-normal; 1-D ones, biases and batch-norm
+    statistics, uniform in [0, 0.05]) and its IR version raised to 7."""
     light = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
-                         "light_squeezenet.onnx")
+                         f"light_{name}.onnx")
     model = onnx.load(light)
     graph = model.graph
-    rng = np.random.default_rng(SEED)
     shapes = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     new_inits, kept_nodes = [], []
     for node in graph.node:
@@ -100,12 +102,18 @@ def make_squeezenet():
     new_inits = kept_inits + new_inits
     weights = {t.name for t in new_inits} | set(shapes)
     inputs = [i for i in graph.input if i.name not in weights]
-    new_graph = helper.make_graph(kept_nodes, "squeezenet1.1", inputs, list(graph.output),
+    new_graph = helper.make_graph(kept_nodes, graph_name, inputs, list(graph.output),
                                   new_inits)
     out = helper.make_model(new_graph, opset_imports=list(model.opset_import),
                             producer_name="plaster-agent models/make_models.py")
     out.ir_version = 7
     onnx.checker.check_model(out)
+    return out, new_inits
+
+
+def make_squeezenet():
+    rng = np.random.default_rng(SEED)
+    out, new_inits = materialise_light("squeezenet", rng, "squeezenet1.1")
     onnx.save(out, path("squeezenet", "model.onnx"))
 
     x = rng.uniform(0.0, 1.0, (1, 3, 224, 224)).astype(np.float32)
@@ -134,6 +142,88 @@ def make_testdata():
     onnx.save(model, path("testdata", "unsupported_roialign.onnx"))
 
 
+def make_rewrite_graphs():
+    """Small graphs that exercise each of the agent's graph rewrites and their edge cases (odd
+    channel counts, strides, padding, broadcast shapes), and patterns they must leave alone.
+    tests/tests/rewrites.rs runs each with and without the rewrites."""
+    rng = np.random.default_rng(SEED + 100)
+    F = onnx.TensorProto.FLOAT
+
+    def const(name, shape, low=-1.5, high=1.5):
+        return numpy_helper.from_array(rng.uniform(low, high, shape).astype(np.float32), name)
+
+    def save(name, nodes, inputs, outputs, inits):
+        graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  producer_name="plaster-agent models/make_models.py")
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, path("testdata", "rewrites", f"{name}.onnx"))
+        return f"testdata/rewrites/{name}.onnx"
+
+    def vi(name, shape):
+        return helper.make_tensor_value_info(name, F, shape)
+
+    n = helper.make_node
+    files = []
+    # Batch norm, a scale and bias, a subtraction and ReLU on 5 channels: one pass.
+    files.append(save("affine_chain", [
+        n("BatchNormalization", ["x", "g", "b", "m", "v"], ["bn"], epsilon=1e-5),
+        n("Mul", ["bn", "s1"], ["t1"]), n("Add", ["t1", "b1"], ["t2"]),
+        n("Sub", ["t2", "c"], ["t3"]), n("Mul", ["t3", "half"], ["t4"]),
+        n("Relu", ["t4"], ["y"]),
+    ], [vi("x", [2, 5, 7, 9])], [vi("y", [2, 5, 7, 9])], [
+        const("g", [5], 0.5, 1.5), const("b", [5]), const("m", [5]), const("v", [5], 0.1, 2.0),
+        const("s1", [1, 5, 1, 1]), const("b1", [5, 1, 1]), const("c", [1, 5, 1, 1]),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
+    ]))
+    # Constant first (c - x, b + x) on a rank-3 tensor with 3 channels.
+    files.append(save("affine_const_first", [
+        n("Sub", ["c", "x"], ["t1"]), n("Add", ["b", "t1"], ["t2"]), n("Mul", ["s", "t2"], ["y"]),
+    ], [vi("x", [1, 3, 10])], [vi("y", [1, 3, 10])],
+        [const("c", [3, 1]), const("b", [1, 3, 1]), const("s", [3, 1])]))
+    # The scaled tensor is also a graph output: the Mul must stay; Add + ReLU may merge.
+    files.append(save("affine_intermediate_output", [
+        n("Mul", ["x", "s"], ["scaled"]), n("Add", ["scaled", "b"], ["t"]), n("Relu", ["t"], ["y"]),
+    ], [vi("x", [1, 4, 6, 6])], [vi("scaled", [1, 4, 6, 6]), vi("y", [1, 4, 6, 6])],
+        [const("s", [1, 4, 1, 1]), const("b", [1, 4, 1, 1])]))
+    # Constants that vary along height, not channels, are not per-channel: left alone.
+    files.append(save("affine_not_per_channel", [
+        n("Mul", ["x", "s"], ["t"]), n("Add", ["t", "b"], ["y"]),
+    ], [vi("x", [1, 4, 6, 5])], [vi("y", [1, 4, 6, 5])],
+        [const("s", [1, 1, 6, 1]), const("b", [1, 1, 6, 1])]))
+    # A depthwise (stride 2, padded) and a grouped 1x1 convolution, each with a batch norm.
+    files.append(save("grouped_conv_bn", [
+        n("Conv", ["x", "dw", "dwb"], ["c1"], group=6, kernel_shape=[3, 3], strides=[2, 2],
+          pads=[1, 1, 1, 1]),
+        n("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["n1"], epsilon=1e-5),
+        n("Conv", ["n1", "gw"], ["c2"], group=3, kernel_shape=[1, 1]),
+        n("Mul", ["c2", "s2"], ["t2"]), n("Add", ["t2", "b2"], ["u2"]), n("Relu", ["u2"], ["y"]),
+    ], [vi("x", [1, 6, 9, 11])], [vi("y", [1, 9, 5, 6])], [
+        const("dw", [6, 1, 3, 3]), const("dwb", [6]), const("g1", [6], 0.5, 1.5),
+        const("b1", [6]), const("m1", [6]), const("v1", [6], 0.1, 2.0),
+        const("gw", [9, 2, 1, 1]), const("s2", [1, 9, 1, 1]), const("b2", [1, 9, 1, 1]),
+    ]))
+    # GoogLeNet's LRN and one with another size, exponent and bias, on 7 channels.
+    files.append(save("lrn", [
+        n("LRN", ["x"], ["l1"], size=5, alpha=1e-4, beta=0.75, bias=1.0),
+        n("LRN", ["l1"], ["y"], size=4, alpha=0.05, beta=0.6, bias=2.0),
+    ], [vi("x", [2, 7, 5, 6])], [vi("y", [2, 7, 5, 6])], []))
+    # Max pools: 3x3/2 padded, 2x2/2 with ceil mode, asymmetric padding, a 2x3 window.
+    files.append(save("max_pool", [
+        n("MaxPool", ["x"], ["y1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("MaxPool", ["x"], ["y2"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        n("MaxPool", ["x"], ["y3"], kernel_shape=[3, 3], pads=[1, 0, 1, 2]),
+        n("MaxPool", ["x"], ["y4"], kernel_shape=[2, 3], strides=[1, 2]),
+    ], [vi("x", [1, 3, 11, 10])], [
+        vi("y1", [1, 3, 6, 5]), vi("y2", [1, 3, 6, 5]), vi("y3", [1, 3, 11, 10]),
+        vi("y4", [1, 3, 10, 4]),
+    ], []))
+    for rel in files:
+        onnx.checker.check_model(os.path.join(HERE, rel))
+    return files
+
+
 def sha256(p):
     with open(p, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -143,6 +233,7 @@ def main():
     digits = make_digits()
     squeezenet = make_squeezenet()
     make_testdata()
+    rewrite_graphs = make_rewrite_graphs()
     expected = {
         "generated_with": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
         "digits": {"accuracy": digits},
@@ -154,7 +245,7 @@ def main():
     rows = []
     for rel in ["digits/model.onnx", "digits/dataset.npz", "digits/labels.txt",
                 "squeezenet/model.onnx", "reference/digits.npz", "reference/squeezenet.npz",
-                "testdata/unsupported_roialign.onnx", "expected.json"]:
+                "testdata/unsupported_roialign.onnx", *rewrite_graphs, "expected.json"]:
         full = os.path.join(HERE, rel)
         print(f"{rel:36} {os.path.getsize(full):>9} {sha256(full)}")
         rows.append(f"| `{rel}` | {os.path.getsize(full):,} | `{sha256(full)}` |")

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use plaster_agent::inference::{
-    select_runtime, DeviceKind, ModelSource, OnnxModel, Precision, PreparedModel,
+    select_runtime, DeviceKind, ModelSource, OnnxModel, PlanOptions, Precision, PreparedModel,
 };
 use plaster_agent::plaster::scenario::closed_loop;
 
@@ -30,8 +30,12 @@ fn main() -> anyhow::Result<()> {
     let round = Duration::from_secs_f64(args[4].parse()?);
     let model = OnnxModel::load(source)?;
     let cpu = select_runtime(DeviceKind::Cpu)?;
-    let prepared =
-        PreparedModel::prepare(&model, model.natural_batch(), &cpu, Precision::F32, threads)?;
+    let prepared = PreparedModel::prepare(
+        &model,
+        model.natural_batch(),
+        &cpu,
+        PlanOptions::new(Precision::F32, threads),
+    )?;
     let pool: Vec<_> = (0..8)
         .map(|seed| prepared.synthetic_inputs(seed))
         .collect::<Result<_, _>>()?;

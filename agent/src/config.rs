@@ -100,6 +100,22 @@ pub struct ModelConfig {
     pub device: DeviceKind,
     pub precision: Precision,
     pub threads: usize,
+    /// Our graph rewrites (CPU, f32); `false` runs tract's plan unmodified.
+    pub rewrites: bool,
+    /// Where decluttered models are cached (`state_dir/cache/models`); `None` with
+    /// `model.cache = false`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Under `state_dir`: decluttered models cached as NNEF (inference::cache).
+pub const MODEL_CACHE_DIR: &str = "cache/models";
+
+impl ModelConfig {
+    /// The plan options this model is prepared with.
+    pub fn plan_options(&self) -> crate::inference::PlanOptions {
+        crate::inference::PlanOptions::new(self.precision, self.threads)
+            .with_rewrites(self.rewrites)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -521,6 +537,19 @@ impl Reader<'_> {
         }
     }
 
+    /// `true` or `false`; `default` when the key is absent (or wrong: the problem is recorded).
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        match self.value(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => {
+                let shown = other.to_string();
+                self.problem(key, format!("{shown} is not true or false"));
+                default
+            }
+        }
+    }
+
     fn number(&mut self, key: &str, min: f64, max: f64) -> Option<f64> {
         let v = match self.value(key)? {
             toml::Value::Integer(i) => *i as f64,
@@ -606,6 +635,10 @@ impl Reader<'_> {
                 .number("model.threads", 1.0, 1024.0)
                 .map(|t| t as usize)
                 .unwrap_or(DEFAULT_THREADS),
+            rewrites: self.boolean("model.rewrites", true),
+            cache_dir: self
+                .boolean("model.cache", true)
+                .then(|| state_dir.join(MODEL_CACHE_DIR)),
         };
 
         let url = match self.string("mqtt.url") {

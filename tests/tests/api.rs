@@ -273,7 +273,7 @@ fn check_exposition(text: &str) -> BTreeMap<String, f64> {
 #[test]
 fn api_results_equal_in_process_inference_on_the_same_inputs() {
     use plaster_agent::inference::{
-        select_runtime, DeviceKind, ModelSource, OnnxModel, Precision, PreparedModel,
+        select_runtime, DeviceKind, ModelSource, OnnxModel, PlanOptions, Precision, PreparedModel,
     };
     use tract_onnx::prelude::*;
 
@@ -288,7 +288,8 @@ fn api_results_equal_in_process_inference_on_the_same_inputs() {
     let source = ModelSource::resolve(&plaster_agent_tests::model_path("digits")).unwrap();
     let model = OnnxModel::load(source).unwrap();
     let choice = select_runtime(DeviceKind::Cpu).unwrap();
-    let prepared = PreparedModel::prepare(&model, 1, &choice, Precision::F32, 1).unwrap();
+    let prepared =
+        PreparedModel::prepare(&model, 1, &choice, PlanOptions::new(Precision::F32, 1)).unwrap();
     let mut session = prepared.session().unwrap();
     let in_process: Vec<Vec<f32>> = rows
         .iter()

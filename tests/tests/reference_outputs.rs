@@ -4,8 +4,8 @@ use std::fs::File;
 
 use ndarray_npy::NpzReader;
 use plaster_agent::inference::{
-    predicted_labels, select_runtime, to_vec, DeviceKind, ModelSource, OnnxModel, Precision,
-    PreparedModel,
+    predicted_labels, select_runtime, to_vec, DeviceKind, ModelSource, OnnxModel, PlanOptions,
+    Precision, PreparedModel,
 };
 use plaster_agent_tests::model_path;
 use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
@@ -23,7 +23,7 @@ fn read(npz: &str, name: &str) -> ArrayD<f32> {
 fn prepare(rel: &str, batch: usize) -> PreparedModel {
     let model = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap()).unwrap();
     let cpu = select_runtime(DeviceKind::Cpu).unwrap();
-    PreparedModel::prepare(&model, batch, &cpu, Precision::F32, 1).unwrap()
+    PreparedModel::prepare(&model, batch, &cpu, PlanOptions::new(Precision::F32, 1)).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

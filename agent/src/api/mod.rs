@@ -161,8 +161,7 @@ impl Served {
                     model,
                     size,
                     &engine.choice,
-                    engine.prepared.precision(),
-                    engine.threads,
+                    engine.prepared.options(),
                 )?);
             }
             // Batching needs axis 0 of every output to follow the batch size.

@@ -13,6 +13,7 @@ use tract_onnx::prelude::*;
 use crate::api::metrics::{Metrics, Source};
 use crate::config::ModelConfig;
 use crate::dataset::{Dataset, DatasetError};
+use crate::inference::cache::ModelCache;
 use crate::inference::{
     predicted_labels, select_runtime, InferenceError, ModelSource, OnnxModel, PreparedModel,
     RuntimeChoice,
@@ -57,12 +58,12 @@ impl Engine {
     pub fn load(config: &ModelConfig) -> Result<Engine, EngineError> {
         let source = ModelSource::resolve(&config.path)?;
         let dataset_path = source.bundle_dataset();
-        let model = OnnxModel::load(source)?;
+        let model =
+            OnnxModel::load(source)?.with_cache(config.cache_dir.clone().map(ModelCache::new));
         let dataset = dataset_path.as_deref().map(Dataset::load).transpose()?;
         let choice = select_runtime(config.device)?;
         let batch = model.natural_batch();
-        let prepared =
-            PreparedModel::prepare(&model, batch, &choice, config.precision, config.threads)?;
+        let prepared = PreparedModel::prepare(&model, batch, &choice, config.plan_options())?;
         if let Some(dataset) = &dataset {
             dataset.check_fits(&prepared.named_input_shapes(&model))?;
         }

@@ -14,8 +14,10 @@ use super::scorecard;
 use super::BenchArgs;
 use crate::dataset::{Dataset, DatasetError};
 use crate::device;
+use crate::inference::cache::ModelCache;
 use crate::inference::{
-    select_runtime, InferenceError, ModelSource, OnnxModel, Precision, PreparedModel, RuntimeKind,
+    select_runtime, InferenceError, ModelSource, OnnxModel, PlanOptions, Precision, PreparedModel,
+    RuntimeKind,
 };
 use crate::plaster::accuracy::{self, Top1};
 use crate::plaster::energy::EnergyMeter;
@@ -68,12 +70,13 @@ pub enum BenchError {
 pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let source = ModelSource::resolve(&args.model)?;
     let dataset_path: Option<PathBuf> = args.dataset.clone().or_else(|| source.bundle_dataset());
-    let model = OnnxModel::load(source)?;
+    let model = OnnxModel::load(source)?.with_cache(args.model_cache.clone().map(ModelCache::new));
     let dataset = dataset_path.as_deref().map(Dataset::load).transpose()?;
     let choice = select_runtime(args.device)?;
     let batch = batch_for(args, &model)?;
     let threads = usize::from(args.threads);
-    let prepared = PreparedModel::prepare(&model, batch, &choice, args.precision, threads)?;
+    let options = PlanOptions::new(args.precision, threads).with_rewrites(!args.no_rewrites);
+    let prepared = PreparedModel::prepare(&model, batch, &choice, options)?;
     if let Some(dataset) = &dataset {
         dataset.check_fits(&prepared.named_input_shapes(&model))?;
     }
@@ -165,16 +168,16 @@ pub fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
 
     let outputs_vs_cpu = if args.check_outputs {
         let cpu = select_runtime(crate::inference::DeviceKind::Cpu)?;
-        let reference = PreparedModel::prepare(&model, batch, &cpu, Precision::F32, threads)?;
+        // The reference is tract's own plan: rewrites are checked against it too.
+        let unmodified = PlanOptions::new(Precision::F32, threads).with_rewrites(false);
+        let reference = PreparedModel::prepare(&model, batch, &cpu, unmodified)?;
         Some(prepared.compare_outputs(&reference, &check_inputs)?)
     } else {
         None
     };
 
     let accuracy = match &dataset {
-        Some(dataset) => Some(measure_accuracy(
-            &model, &prepared, dataset, &choice, threads,
-        )?),
+        Some(dataset) => Some(measure_accuracy(&model, &prepared, dataset, &choice)?),
         None => None,
     };
 
@@ -301,7 +304,6 @@ fn measure_accuracy(
     prepared: &PreparedModel,
     dataset: &Dataset,
     choice: &crate::inference::RuntimeChoice,
-    threads: usize,
 ) -> Result<Accuracy, BenchError> {
     let bar =
         ProgressBar::with_draw_target(Some(dataset.len() as u64), ProgressDrawTarget::stderr());
@@ -311,8 +313,11 @@ fn measure_accuracy(
     let delta_vs_f32 = if prepared.precision() == Precision::F16 {
         bar.set_position(0);
         bar.set_message("accuracy (f32 reference)");
-        let reference =
-            PreparedModel::prepare(model, prepared.batch(), choice, Precision::F32, threads)?;
+        let f32_options = PlanOptions {
+            precision: Precision::F32,
+            ..prepared.options()
+        };
+        let reference = PreparedModel::prepare(model, prepared.batch(), choice, f32_options)?;
         let f32_top1: Top1 = accuracy::top1(&reference, dataset, &mut |done| {
             bar.set_position(done as u64)
         })?;

@@ -123,6 +123,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 
+    /// Run tract's plan as tract optimises it, without our graph rewrites (merged affine
+    /// chains, plane LRN): to compare, or to rule them out when reporting a bug
+    #[arg(long)]
+    pub no_rewrites: bool,
+
+    /// Cache the decluttered model (NNEF) in DIR, keyed by the model's sha256, and load it
+    /// from there next time (the daemon caches in state_dir/cache/models)
+    #[arg(long, value_name = "DIR")]
+    pub model_cache: Option<PathBuf>,
+
     /// Batch size per query [default: 1; offline: 8 for models with a dynamic batch axis]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub batch: Option<u32>,
@@ -163,8 +173,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub concurrency: u16,
 
-    /// After the run, compare the outputs with the CPU runtime's in f32 on the same inputs
-    /// (the dataset's first batches, or synthetic inputs) and report the largest difference
+    /// After the run, compare the outputs with tract's unmodified CPU plan in f32 on the same
+    /// inputs (the dataset's first batches, or synthetic inputs) and report the largest
+    /// difference
     #[arg(long)]
     pub check_outputs: bool,
 

@@ -77,6 +77,9 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
             p.cpu_fallback_ops.join(", ")
         ));
     }
+    if p.rewrites.total() > 0 {
+        programmability.push_str(&format!("; rewritten: {}", p.rewrites.summary()));
+    }
     let l = &r.latency_ms;
     let latency = match (l.p50, l.p90, l.p99, l.max) {
         (Some(p50), Some(p90), Some(p99), Some(max)) => format!(

@@ -5,9 +5,11 @@
 //! [`InferenceError`] here, once. Inference is synchronous and CPU/GPU-bound; callers run it on
 //! dedicated threads, never on an async runtime.
 
+pub mod cache;
 mod error;
 mod profile;
 mod programmability;
+pub mod rewrite;
 mod runtime;
 mod source;
 
@@ -26,7 +28,8 @@ pub use profile::{OpProfile, Profile};
 /// (`bench --check-outputs`): a GPU or f16 plan that computes something else shows here.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OutputCheck {
-    /// What was compared: `"<runtime> <precision> vs cpu f32"`.
+    /// What was compared: `"<runtime> <precision> vs cpu f32"`; the reference is tract's
+    /// unmodified CPU plan, so the CPU runtime with our rewrites checks the rewrites.
     pub compared: String,
     /// Input batches run through both plans.
     pub inputs: usize,
@@ -78,7 +81,7 @@ impl PreparedModel {
             compared: format!(
                 "{} {} vs cpu f32",
                 self.runtime.as_str(),
-                self.precision.as_str()
+                self.options.precision.as_str()
             ),
             inputs: inputs.len(),
             max_abs_diff,
@@ -107,13 +110,39 @@ impl Precision {
     }
 }
 
+/// How to prepare a plan, besides the runtime and the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    pub precision: Precision,
+    /// Intra-op threads given to tract-linalg's executor; 1 means the calling thread only
+    /// (tract's `multithread(1)` would fall back to rayon's global pool).
+    pub threads: usize,
+    /// Our graph rewrites ([`rewrite`]), applied to f32 plans on the CPU runtime.
+    pub rewrites: bool,
+}
+
+impl PlanOptions {
+    /// f32, one thread, rewrites on: the defaults of `bench` and the daemon.
+    pub fn new(precision: Precision, threads: usize) -> PlanOptions {
+        PlanOptions {
+            precision,
+            threads,
+            rewrites: true,
+        }
+    }
+
+    pub fn with_rewrites(self, rewrites: bool) -> PlanOptions {
+        PlanOptions { rewrites, ..self }
+    }
+}
+
 /// A model prepared for one runtime, precision, thread count and batch size. Cheap to share:
 /// every worker thread spawns its own [`Session`] on the same plan.
 #[derive(Clone, Debug)]
 pub struct PreparedModel {
     runnable: Arc<dyn Runnable>,
     runtime: RuntimeKind,
-    precision: Precision,
+    options: PlanOptions,
     batch: usize,
     input_facts: Vec<TypedFact>,
     programmability: Programmability,
@@ -123,19 +152,25 @@ pub struct PreparedModel {
 
 impl PreparedModel {
     /// Prepares `model` at `batch` on the chosen runtime.
-    ///
-    /// `threads` is the intra-op parallelism given to tract-linalg's executor; 1 means the
-    /// calling thread only (tract's `multithread(1)` would fall back to rayon's global pool).
     pub fn prepare(
         model: &OnnxModel,
         batch: usize,
         choice: &RuntimeChoice,
-        precision: Precision,
-        threads: usize,
+        options: PlanOptions,
     ) -> Result<PreparedModel, InferenceError> {
+        let PlanOptions {
+            precision, threads, ..
+        } = options;
         let mut typed = model.typed(batch)?;
         let flops_per_batch = programmability::flops(&typed);
         let parameters = model.parameters;
+        // Our ops are f32 CPU kernels: an accelerator runtime would leave them on the CPU.
+        let applied =
+            if options.rewrites && choice.kind == RuntimeKind::Cpu && precision == Precision::F32 {
+                rewrite::optimise(&mut typed).map_err(|e| model.invalid(e))?
+            } else {
+                rewrite::Applied::default()
+            };
         if precision == Precision::F16 {
             let transform = get_transform("f32_to_f16")
                 .map_err(|e| model.invalid(e))?
@@ -149,7 +184,7 @@ impl PreparedModel {
         } else {
             Executor::multithread(threads)
         };
-        let options = RunOptions {
+        let run_options = RunOptions {
             executor: Some(executor),
             ..Default::default()
         };
@@ -157,7 +192,7 @@ impl PreparedModel {
         // Some of tract-cuda's failures after `check()` panic (context creation, missing NVRTC
         // headers): contain them at this boundary so the agent reports instead of crashing.
         let prepared = catch_unwind(AssertUnwindSafe(|| {
-            runtime.prepare_with_options(typed, &options)
+            runtime.prepare_with_options(typed, &run_options)
         }))
         .map_err(|panic| {
             model.invalid_msg(format!(
@@ -177,14 +212,15 @@ impl PreparedModel {
                     .clone(),
             );
         }
-        let programmability = match runnable.typed_model() {
+        let mut programmability = match runnable.typed_model() {
             Some(plan_model) => Programmability::of(plan_model, choice.kind),
             None => Programmability::default(),
         };
+        programmability.rewrites = applied;
         Ok(PreparedModel {
             runnable,
             runtime: choice.kind,
-            precision,
+            options,
             batch,
             input_facts,
             programmability,
@@ -204,7 +240,17 @@ impl PreparedModel {
     }
 
     pub fn precision(&self) -> Precision {
-        self.precision
+        self.options.precision
+    }
+
+    /// What this plan was prepared with (a sibling plan, e.g. another batch size, reuses it).
+    pub fn options(&self) -> PlanOptions {
+        self.options
+    }
+
+    /// The rewrites applied to this plan.
+    pub fn rewrites(&self) -> &rewrite::Applied {
+        &self.programmability.rewrites
     }
 
     pub fn batch(&self) -> usize {

@@ -19,6 +19,9 @@ pub struct Programmability {
     pub nodes_on_accelerator: usize,
     /// Distinct op names the accelerator runtime left on the CPU, sorted.
     pub cpu_fallback_ops: Vec<String>,
+    /// What our graph rewrites changed before tract's codegen (all zero with `--no-rewrites`,
+    /// on an accelerator, or in f16).
+    pub rewrites: super::rewrite::Applied,
 }
 
 impl Programmability {
@@ -44,6 +47,7 @@ impl Programmability {
             nodes_total,
             nodes_on_accelerator,
             cpu_fallback_ops: fallback.into_iter().collect(),
+            rewrites: Default::default(),
         }
     }
 }

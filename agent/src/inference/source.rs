@@ -8,6 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::DimLike;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::cache::ModelCache;
 use super::InferenceError;
 
 /// File name of the model inside a bundle (PROTOCOL.md, "Model bundle").
@@ -115,6 +116,7 @@ pub struct OnnxModel {
     /// The graph's output names, in order.
     pub outputs: Vec<String>,
     model: InferenceModel,
+    cache: Option<ModelCache>,
 }
 
 impl OnnxModel {
@@ -189,12 +191,26 @@ impl OnnxModel {
             inputs,
             outputs,
             model,
+            cache: None,
         })
+    }
+
+    /// Keeps decluttered graphs in `cache` (see [`ModelCache`]); `None` turns caching off.
+    pub fn with_cache(mut self, cache: Option<ModelCache>) -> OnnxModel {
+        self.cache = cache;
+        self
     }
 
     /// The model with every input fixed for `batch` (dynamic axis 0 becomes `batch`),
     /// type-checked and decluttered: the form tract's runtimes prepare.
     pub fn typed(&self, batch: usize) -> Result<TypedModel, InferenceError> {
+        if let Some(model) = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.load(&self.sha256, batch))
+        {
+            return Ok(model);
+        }
         let mut model = self.model.clone();
         for (ix, spec) in self.inputs.iter().enumerate() {
             let shape = self.concrete_shape(spec, batch)?;
@@ -203,7 +219,11 @@ impl OnnxModel {
                 .map_err(|e| self.invalid(e))?;
         }
         let typed = model.into_typed().map_err(|e| self.invalid(e))?;
-        typed.into_decluttered().map_err(|e| self.invalid(e))
+        let typed = typed.into_decluttered().map_err(|e| self.invalid(e))?;
+        if let Some(cache) = &self.cache {
+            cache.store(&self.sha256, batch, &typed);
+        }
+        Ok(typed)
     }
 
     fn concrete_shape(&self, spec: &InputSpec, batch: usize) -> Result<Vec<usize>, InferenceError> {

@@ -56,6 +56,9 @@ pub struct ProgrammabilityReport {
     pub nodes_total: usize,
     pub nodes_on_accelerator: usize,
     pub cpu_fallback_ops: Vec<String>,
+    /// Our graph rewrites applied to the plan (absent from reports of older agents).
+    #[serde(default)]
+    pub rewrites: crate::inference::rewrite::Applied,
 }
 
 impl From<&Programmability> for ProgrammabilityReport {
@@ -64,6 +67,7 @@ impl From<&Programmability> for ProgrammabilityReport {
             nodes_total: p.nodes_total,
             nodes_on_accelerator: p.nodes_on_accelerator,
             cpu_fallback_ops: p.cpu_fallback_ops.clone(),
+            rewrites: p.rewrites.clone(),
         }
     }
 }

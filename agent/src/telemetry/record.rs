@@ -227,6 +227,7 @@ mod tests {
                 nodes_total: 10,
                 nodes_on_accelerator: 8,
                 cpu_fallback_ops: vec!["OptMaxPool".into()],
+                rewrites: Default::default(),
             },
             latency_ms: LatencySummary {
                 count: 600,

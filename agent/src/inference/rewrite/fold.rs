@@ -1,0 +1,115 @@
+//! Per-channel multiply / add chains folded into the grouped convolution before them.
+//!
+//! tract folds a batch norm into a convolution's kernel and bias only when the convolution has
+//! one group. Depthwise and grouped convolutions (ShuffleNet, MobileNet) keep theirs as a
+//! broadcast `Mul` and `Add` after every convolution. Scaling output channel `o` of the kernel
+//! by `a_o` and setting its bias to `a_o * bias_o + b_o` computes the same thing for free.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::Conv;
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use super::affine::{compose, step_of, Step};
+
+/// The affine steps (no activation) right after `conv`'s output, each the only reader of the
+/// one before and none of them a model output.
+fn affine_successors(model: &TypedModel, conv: &TypedNode) -> TractResult<Vec<usize>> {
+    let outputs = model.output_outlets()?;
+    let mut chain = Vec::new();
+    let mut outlet = OutletId::new(conv.id, 0);
+    loop {
+        if outputs.contains(&outlet) {
+            break;
+        }
+        let succs = model.outlet_successors(outlet);
+        if succs.len() != 1 {
+            break;
+        }
+        let next = model.node(succs[0].node);
+        match step_of(model, next) {
+            Some((Step::Relu, _)) | None => break,
+            Some((_, slot)) if next.inputs[slot] != outlet => break,
+            Some(_) => {
+                chain.push(next.id);
+                outlet = OutletId::new(next.id, 0);
+            }
+        }
+    }
+    Ok(chain)
+}
+
+/// `kernel` with output channel `o` (on `o_axis`) multiplied by `scale[o]`.
+fn scale_kernel(kernel: &Tensor, o_axis: usize, scale: &[f32]) -> TractResult<Tensor> {
+    let shape = kernel.shape();
+    ensure!(shape[o_axis] == scale.len());
+    let inner: usize = shape[o_axis + 1..].iter().product();
+    let mut out = kernel.clone();
+    let mut view = out.try_as_plain_ram_mut()?;
+    let values = view.as_slice_mut::<f32>()?;
+    for (ix, run) in values.chunks_exact_mut(inner.max(1)).enumerate() {
+        let s = scale[ix % scale.len()];
+        run.iter_mut().for_each(|v| *v *= s);
+    }
+    Ok(out)
+}
+
+/// Folds every such chain; returns how many.
+pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else {
+            continue;
+        };
+        if conv.group == 1
+            || conv.q_params.is_some()
+            || conv.pool_spec.data_format != DataFormat::NCHW
+            || node.inputs.len() != 3
+        {
+            continue;
+        }
+        let (Some(kernel), Some(bias)) = (
+            model.outlet_fact(node.inputs[1])?.konst.clone(),
+            model.outlet_fact(node.inputs[2])?.konst.clone(),
+        ) else {
+            continue;
+        };
+        let channels = conv.output_channels();
+        if kernel.datum_type() != f32::datum_type()
+            || bias.datum_type() != f32::datum_type()
+            || !(bias.len() == 1 || bias.len() == channels)
+        {
+            continue;
+        }
+        let chain = affine_successors(model, node)?;
+        if chain.is_empty() {
+            continue;
+        }
+        let affine = compose(model, &chain);
+        if affine.scale.len() != channels {
+            continue;
+        }
+        let o_axis = conv.kernel_fmt.o_axis(kernel.shape());
+        let new_kernel = scale_kernel(&kernel, o_axis, &affine.scale)?;
+        let bias_values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let new_bias: Vec<f32> = (0..channels)
+            .map(|o| bias_values[o % bias_values.len()] * affine.scale[o] + affine.shift[o])
+            .collect();
+        let last = *chain.last().expect("the chain is not empty");
+        let mut patch =
+            TypedModelPatch::new(format!("fold {} steps into {}", chain.len(), node.name));
+        let input = patch.tap_model(model, node.inputs[0])?;
+        let k = patch.add_const(format!("{}.folded_kernel", node.name), new_kernel)?;
+        let b = patch.add_const(format!("{}.folded_bias", node.name), tensor1(&new_bias))?;
+        let out = patch.wire_node(
+            format!("{}.folded", node.name),
+            conv.clone(),
+            &[input, k, b],
+        )?[0];
+        patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+        patch.apply(model)?;
+        folded += 1;
+    }
+    Ok(folded)
+}

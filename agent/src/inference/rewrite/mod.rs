@@ -1,0 +1,85 @@
+//! Our graph rewrites: a pass over the decluttered model, before tract's codegen, that replaces
+//! patterns tract runs slowly on CPUs with our own ops (PERFORMANCE.md has the profiles that
+//! chose them). Each rewrite keeps the model's outputs within [`TOLERANCE`] of tract's
+//! unmodified plan; `tests/tests/rewrites.rs` checks that on every model and on synthetic
+//! graphs. `--no-rewrites` (`inference.rewrites = false`) turns the pass off, so a user can
+//! compare and report a bug.
+
+mod affine;
+mod fold;
+#[allow(unsafe_code)]
+mod kernels;
+mod lrn;
+mod pool;
+
+pub use affine::ChannelAffine;
+pub use lrn::PlaneLrn;
+pub use pool::RowMaxPool;
+
+use tract_onnx::prelude::*;
+
+/// Bumped whenever a rewrite changes what it produces (it keys cached models).
+pub const VERSION: u32 = 1;
+
+/// Largest absolute difference a rewrite may introduce in an output, relative to the largest
+/// absolute value of that output (they reorder floating-point sums and use square roots for
+/// powers).
+pub const TOLERANCE: f32 = 1e-5;
+
+/// What the pass changed in one model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    /// Per-channel multiply / add chains folded into a grouped convolution's kernel and bias.
+    pub folded_into_convs: usize,
+    /// Chains of per-channel multiply / add / ReLU merged into one `ChannelAffine` pass each.
+    pub affine_chains: usize,
+    /// `Lrn` nodes replaced by `PlaneLrn`.
+    pub lrn: usize,
+    /// 2-D `MaxPool` nodes replaced by `RowMaxPool`.
+    pub max_pools: usize,
+}
+
+impl Applied {
+    pub fn total(&self) -> usize {
+        self.folded_into_convs + self.affine_chains + self.lrn + self.max_pools
+    }
+
+    /// One line for logs and the human report: `2 affine chains, 1 LRN` or `none`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if self.folded_into_convs > 0 {
+            parts.push(format!(
+                "{} folded into convolutions",
+                self.folded_into_convs
+            ));
+        }
+        if self.affine_chains > 0 {
+            parts.push(format!("{} affine chains", self.affine_chains));
+        }
+        if self.lrn > 0 {
+            parts.push(format!("{} LRN", self.lrn));
+        }
+        if self.max_pools > 0 {
+            parts.push(format!("{} max pools", self.max_pools));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// Runs every rewrite over `model` (decluttered, f32, for the CPU runtime).
+pub fn optimise(model: &mut TypedModel) -> TractResult<Applied> {
+    let applied = Applied {
+        folded_into_convs: fold::into_grouped_convs(model)?,
+        affine_chains: affine::merge_chains(model)?,
+        lrn: lrn::translate(model)?,
+        max_pools: pool::translate(model)?,
+    };
+    if applied.total() > 0 {
+        model.compact()?;
+    }
+    Ok(applied)
+}

@@ -1,0 +1,144 @@
+//! Our graph rewrites (agent/src/inference/rewrite/) against tract's unmodified plan: each
+//! rewrite on a graph that exercises it (odd channel counts, strides, padding, broadcast
+//! shapes), the patterns it must leave alone, and every model in models/. Outputs must agree
+//! within `rewrite::TOLERANCE` of each output's largest magnitude.
+
+use plaster_agent::inference::rewrite::{self, Applied};
+use plaster_agent::inference::{
+    select_runtime, to_vec, DeviceKind, ModelSource, OnnxModel, PlanOptions, Precision,
+    PreparedModel,
+};
+use plaster_agent_tests::model_path;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use tract_onnx::prelude::*;
+
+fn prepare(rel: &str, rewrites: bool) -> PreparedModel {
+    let model = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap()).unwrap();
+    let cpu = select_runtime(DeviceKind::Cpu).unwrap();
+    let options = PlanOptions::new(Precision::F32, 1).with_rewrites(rewrites);
+    PreparedModel::prepare(&model, model.natural_batch(), &cpu, options).unwrap()
+}
+
+/// Standard-normal inputs (negative values too, so ReLUs and max pools see both signs).
+fn normal_inputs(prepared: &PreparedModel, seed: u64) -> TVec<TValue> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..prepared.input_count())
+        .map(|ix| {
+            let shape = prepared.input_shape(ix);
+            let values: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            Tensor::from_shape(&shape, &values).unwrap().into_tvalue()
+        })
+        .collect()
+}
+
+/// Runs `rel` with and without rewrites on a few inputs and returns what was rewritten.
+fn rewritten_outputs_match(rel: &str) -> Applied {
+    let ours = prepare(rel, true);
+    let theirs = prepare(rel, false);
+    assert_eq!(theirs.rewrites().total(), 0, "{rel}: --no-rewrites rewrote");
+    let (mut a, mut b) = (ours.session().unwrap(), theirs.session().unwrap());
+    for seed in 0..4 {
+        let inputs = normal_inputs(&theirs, seed);
+        let (x, y) = (a.run(inputs.clone()).unwrap(), b.run(inputs).unwrap());
+        assert_eq!(x.len(), y.len());
+        for (ix, (x, y)) in x.iter().zip(y.iter()).enumerate() {
+            assert_eq!(x.shape(), y.shape(), "{rel} output {ix}");
+            if !y.datum_type().is_float() {
+                assert_eq!(x, y, "{rel} output {ix}");
+                continue;
+            }
+            let (x, y) = (to_vec::<f32>(x).unwrap(), to_vec::<f32>(y).unwrap());
+            let scale = y.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let diff = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                diff <= rewrite::TOLERANCE * scale,
+                "{rel} output {ix}: max |diff| {diff} above {} x {scale}",
+                rewrite::TOLERANCE
+            );
+        }
+    }
+    ours.rewrites().clone()
+}
+
+#[test]
+fn affine_chain_becomes_one_pass() {
+    // Batch norm (Mul + Add once decluttered), Mul, Add, Sub, Mul by a scalar and ReLU.
+    let applied = rewritten_outputs_match("testdata/rewrites/affine_chain.onnx");
+    assert_eq!(
+        applied,
+        Applied {
+            affine_chains: 1,
+            ..Applied::default()
+        }
+    );
+}
+
+#[test]
+fn affine_chain_with_constants_first_on_rank_3() {
+    // c - x, b + x, s * x with [3, 1] and [1, 3, 1] constants on a [1, 3, 10] tensor.
+    let applied = rewritten_outputs_match("testdata/rewrites/affine_const_first.onnx");
+    assert_eq!(applied.affine_chains, 1);
+}
+
+#[test]
+fn an_intermediate_that_is_an_output_is_left_alone() {
+    // x * s is a graph output: it must still be computed on its own; only Add + ReLU merge.
+    let applied = rewritten_outputs_match("testdata/rewrites/affine_intermediate_output.onnx");
+    assert_eq!(applied.affine_chains, 1);
+    let ours = prepare("testdata/rewrites/affine_intermediate_output.onnx", true);
+    let outputs = ours.output_facts().unwrap();
+    assert_eq!(outputs.len(), 2);
+}
+
+#[test]
+fn constants_that_are_not_per_channel_are_left_alone() {
+    let applied = rewritten_outputs_match("testdata/rewrites/affine_not_per_channel.onnx");
+    assert_eq!(applied, Applied::default());
+}
+
+#[test]
+fn batch_norms_fold_into_grouped_and_depthwise_convolutions() {
+    // Depthwise 3x3/2 (padded, biased) + batch norm, then a 3-group 1x1 + Mul + Add + ReLU.
+    let applied = rewritten_outputs_match("testdata/rewrites/grouped_conv_bn.onnx");
+    assert_eq!(applied.folded_into_convs, 2);
+    assert_eq!(applied.affine_chains, 0);
+}
+
+#[test]
+fn lrn_over_planes_matches_tract() {
+    // size 5 / beta 0.75 (the square-root path) and size 4 / beta 0.6 / bias 2 (powf).
+    let applied = rewritten_outputs_match("testdata/rewrites/lrn.onnx");
+    assert_eq!(
+        applied,
+        Applied {
+            lrn: 2,
+            ..Applied::default()
+        }
+    );
+}
+
+#[test]
+fn max_pools_over_rows_match_tract() {
+    // 3x3/2 padded, 2x2/2 ceil mode, asymmetric padding, a 2x3 window with strides 1x2.
+    let applied = rewritten_outputs_match("testdata/rewrites/max_pool.onnx");
+    assert_eq!(
+        applied,
+        Applied {
+            max_pools: 4,
+            ..Applied::default()
+        }
+    );
+}
+
+#[test]
+fn every_bundled_model_matches_tract_with_rewrites() {
+    assert_eq!(rewritten_outputs_match("digits"), Applied::default());
+    let squeezenet = rewritten_outputs_match("squeezenet/model.onnx");
+    assert_eq!(squeezenet.max_pools, 3, "{squeezenet:?}");
+}
