@@ -204,6 +204,14 @@ def make_rewrite_graphs():
         const("b1", [6]), const("m1", [6]), const("v1", [6], 0.1, 2.0),
         const("gw", [9, 2, 1, 1]), const("s2", [1, 9, 1, 1]), const("b2", [1, 9, 1, 1]),
     ]))
+    # Depthwise convolutions: a 5x3 window with asymmetric padding and no bias, and a 3x3
+    # window with strides 2x3, on 5 channels and a batch of 2.
+    files.append(save("depthwise_conv", [
+        n("Conv", ["x", "w1"], ["y1"], group=5, kernel_shape=[5, 3], pads=[2, 0, 1, 2]),
+        n("Conv", ["x", "w2", "b2"], ["y2"], group=5, kernel_shape=[3, 3], strides=[2, 3],
+          pads=[0, 1, 1, 0]),
+    ], [vi("x", [2, 5, 8, 9])], [vi("y1", [2, 5, 7, 9]), vi("y2", [2, 5, 4, 3])],
+        [const("w1", [5, 1, 5, 3]), const("w2", [5, 1, 3, 3]), const("b2", [5])]))
     # GoogLeNet's LRN and one with another size, exponent and bias, on 7 channels.
     files.append(save("lrn", [
         n("LRN", ["x"], ["l1"], size=5, alpha=1e-4, beta=0.75, bias=1.0),

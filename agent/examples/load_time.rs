@@ -20,8 +20,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Milliseconds of (ONNX load, prepare: batch fixed + declutter or cache read, rewrites,
-/// tract's codegen).
-fn load(path: &Path, cache: Option<ModelCache>) -> anyhow::Result<[f64; 2]> {
+/// tract's codegen; and of the typed model alone: batch fixed + declutter, or cache read).
+fn load(path: &Path, cache: Option<ModelCache>) -> anyhow::Result<[f64; 3]> {
     let cpu = select_runtime(DeviceKind::Cpu)?;
     let t0 = Instant::now();
     let model = OnnxModel::load(ModelSource::resolve(path)?)?.with_cache(cache);
@@ -30,8 +30,11 @@ fn load(path: &Path, cache: Option<ModelCache>) -> anyhow::Result<[f64; 2]> {
     let prepared = PreparedModel::prepare(&model, model.natural_batch(), &cpu, options)?;
     let t2 = Instant::now();
     drop(prepared);
+    let t3 = Instant::now();
+    drop(model.typed(model.natural_batch())?);
+    let t4 = Instant::now();
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-    Ok([ms(t0, t1), ms(t1, t2)])
+    Ok([ms(t0, t1), ms(t1, t2), ms(t3, t4)])
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,16 +51,16 @@ fn main() -> anyhow::Result<()> {
         onnx.push(load(&path, None)?);
         cached.push(load(&path, Some(cache.clone()))?);
     }
-    let phase = |runs: &[[f64; 2]], ix: usize| median(runs.iter().map(|r| r[ix]).collect());
-    let total = |runs: &[[f64; 2]]| median(runs.iter().map(|r| r.iter().sum()).collect());
+    let phase = |runs: &[[f64; 3]], ix: usize| median(runs.iter().map(|r| r[ix]).collect());
+    let total = |runs: &[[f64; 3]]| median(runs.iter().map(|r| r[0] + r[1]).collect());
     println!(
         "{}",
         serde_json::json!({
             "rounds": rounds,
             "onnx": {"load_ms": phase(&onnx, 0), "prepare_ms": phase(&onnx, 1),
-                     "total_ms": total(&onnx)},
+                     "typed_ms": phase(&onnx, 2), "total_ms": total(&onnx)},
             "cached": {"load_ms": phase(&cached, 0), "prepare_ms": phase(&cached, 1),
-                       "total_ms": total(&cached)},
+                       "typed_ms": phase(&cached, 2), "total_ms": total(&cached)},
         })
     );
     Ok(())

@@ -102,8 +102,9 @@ pub struct ModelConfig {
     pub threads: usize,
     /// Our graph rewrites (CPU, f32); `false` runs tract's plan unmodified.
     pub rewrites: bool,
-    /// Where decluttered models are cached (`state_dir/cache/models`); `None` with
-    /// `model.cache = false`.
+    /// Where decluttered models are cached (`state_dir/cache/models`) with `model.cache =
+    /// true`; off by default: it saves about a sixth of the load time of 30-100 MB models but
+    /// costs a little on small ones (bench/RESULTS.md).
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -637,7 +638,7 @@ impl Reader<'_> {
                 .unwrap_or(DEFAULT_THREADS),
             rewrites: self.boolean("model.rewrites", true),
             cache_dir: self
-                .boolean("model.cache", true)
+                .boolean("model.cache", false)
                 .then(|| state_dir.join(MODEL_CACHE_DIR)),
         };
 
@@ -933,6 +934,8 @@ mod tests {
         assert_eq!(c.mqtt.encoding, Encoding::Cbor);
         assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_PATH));
         assert_eq!(c.model.threads, 2);
+        assert!(c.model.rewrites);
+        assert_eq!(c.model.cache_dir, None);
         assert_eq!(
             c.api.listen,
             Some(ApiListen::Tcp("127.0.0.1:8000".parse().unwrap()))
@@ -981,7 +984,7 @@ mod tests {
     #[test]
     fn five_errors_are_all_reported_with_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "agent.toml", "fleet = \"lab\"\n[model]\ndevice = \"tpu\"\nthreads = 0\n[mqtt]\nurl = \"http://broker\"\ntelemetry_intervl_s = 5\n");
+        let path = write(dir.path(), "agent.toml", "fleet = \"lab\"\n[model]\ndevice = \"tpu\"\nthreads = 0\nrewrites = \"yes\"\n[mqtt]\nurl = \"http://broker\"\ntelemetry_intervl_s = 5\n");
         let dropin = write(
             dir.path(),
             "agent.toml.d/50-site.toml",
@@ -999,6 +1002,7 @@ mod tests {
             vec![
                 format!("{file}: model.device: \"tpu\" is not one of cpu, cuda, auto"),
                 format!("{file}: model.threads: 0 is out of range (1..=1024)"),
+                format!("{file}: model.rewrites: \"yes\" is not true or false"),
                 format!("{file}: mqtt.url: \"http://broker\" is not an MQTT URL (use mqtt://HOST:PORT or mqtts://HOST:PORT)"),
                 "environment PLASTER_MQTT_ENCODING: mqtt.encoding: \"xml\" is not one of cbor, json".to_string(),
                 format!("{dropin}: api.listen: \"everywhere\" is not an address:port (e.g. 127.0.0.1:8000), unix:/path or \"\" (off)"),

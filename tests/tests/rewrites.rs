@@ -1,8 +1,10 @@
 //! Our graph rewrites (agent/src/inference/rewrite/) against tract's unmodified plan: each
 //! rewrite on a graph that exercises it (odd channel counts, strides, padding, broadcast
 //! shapes), the patterns it must leave alone, and every model in models/. Outputs must agree
-//! within `rewrite::TOLERANCE` of each output's largest magnitude.
+//! within `rewrite::TOLERANCE` of each output's largest magnitude. Then the NNEF model cache:
+//! a cached model computes what the ONNX one does, and a broken entry is replaced.
 
+use plaster_agent::inference::cache::ModelCache;
 use plaster_agent::inference::rewrite::{self, Applied};
 use plaster_agent::inference::{
     select_runtime, to_vec, DeviceKind, ModelSource, OnnxModel, PlanOptions, Precision,
@@ -14,7 +16,13 @@ use rand_distr::{Distribution, StandardNormal};
 use tract_onnx::prelude::*;
 
 fn prepare(rel: &str, rewrites: bool) -> PreparedModel {
-    let model = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap()).unwrap();
+    prepare_cached(rel, rewrites, None)
+}
+
+fn prepare_cached(rel: &str, rewrites: bool, cache: Option<ModelCache>) -> PreparedModel {
+    let model = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap())
+        .unwrap()
+        .with_cache(cache);
     let cpu = select_runtime(DeviceKind::Cpu).unwrap();
     let options = PlanOptions::new(Precision::F32, 1).with_rewrites(rewrites);
     PreparedModel::prepare(&model, model.natural_batch(), &cpu, options).unwrap()
@@ -39,6 +47,11 @@ fn rewritten_outputs_match(rel: &str) -> Applied {
     let ours = prepare(rel, true);
     let theirs = prepare(rel, false);
     assert_eq!(theirs.rewrites().total(), 0, "{rel}: --no-rewrites rewrote");
+    outputs_match(rel, &ours, &theirs);
+    ours.rewrites().clone()
+}
+
+fn outputs_match(rel: &str, ours: &PreparedModel, theirs: &PreparedModel) {
     let (mut a, mut b) = (ours.session().unwrap(), theirs.session().unwrap());
     for seed in 0..4 {
         let inputs = normal_inputs(&theirs, seed);
@@ -63,7 +76,6 @@ fn rewritten_outputs_match(rel: &str) -> Applied {
             );
         }
     }
-    ours.rewrites().clone()
 }
 
 #[test]
@@ -106,8 +118,27 @@ fn constants_that_are_not_per_channel_are_left_alone() {
 fn batch_norms_fold_into_grouped_and_depthwise_convolutions() {
     // Depthwise 3x3/2 (padded, biased) + batch norm, then a 3-group 1x1 + Mul + Add + ReLU.
     let applied = rewritten_outputs_match("testdata/rewrites/grouped_conv_bn.onnx");
-    assert_eq!(applied.folded_into_convs, 2);
-    assert_eq!(applied.affine_chains, 0);
+    assert_eq!(
+        applied,
+        Applied {
+            folded_into_convs: 2,
+            depthwise_convs: 1,
+            ..Applied::default()
+        }
+    );
+}
+
+#[test]
+fn depthwise_convolutions_over_rows_match_tract() {
+    // A 5x3 window with asymmetric padding and no bias; a 3x3 window with strides 2x3.
+    let applied = rewritten_outputs_match("testdata/rewrites/depthwise_conv.onnx");
+    assert_eq!(
+        applied,
+        Applied {
+            depthwise_convs: 2,
+            ..Applied::default()
+        }
+    );
 }
 
 #[test]
@@ -141,4 +172,44 @@ fn every_bundled_model_matches_tract_with_rewrites() {
     assert_eq!(rewritten_outputs_match("digits"), Applied::default());
     let squeezenet = rewritten_outputs_match("squeezenet/model.onnx");
     assert_eq!(squeezenet.max_pools, 3, "{squeezenet:?}");
+}
+
+#[test]
+fn a_cached_model_computes_what_the_onnx_model_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ModelCache::new(dir.path().join("models"));
+    for rel in ["digits", "squeezenet/model.onnx"] {
+        let sha256 = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap())
+            .unwrap()
+            .sha256;
+        let entry = cache.entry(&sha256, 1);
+        assert!(!entry.exists());
+        // The first load declutters the ONNX graph and writes the entry; the second reads it.
+        let first = prepare_cached(rel, true, Some(cache.clone()));
+        assert!(
+            entry.is_file(),
+            "{rel}: no cache entry at {}",
+            entry.display()
+        );
+        let cached = prepare_cached(rel, true, Some(cache.clone()));
+        assert_eq!(cached.rewrites(), first.rewrites(), "{rel}");
+        outputs_match(rel, &cached, &prepare(rel, false));
+    }
+}
+
+#[test]
+fn a_broken_cache_entry_is_replaced_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ModelCache::new(dir.path());
+    let rel = "squeezenet/model.onnx";
+    let sha256 = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap())
+        .unwrap()
+        .sha256;
+    let entry = cache.entry(&sha256, 1);
+    std::fs::write(&entry, b"half an archive").unwrap();
+    let prepared = prepare_cached(rel, true, Some(cache.clone()));
+    outputs_match(rel, &prepared, &prepare(rel, false));
+    // The load fell back to the ONNX file and wrote a good entry in place of the broken one.
+    assert!(std::fs::metadata(&entry).unwrap().len() > 1_000_000);
+    assert!(cache.load(&sha256, 1).is_some());
 }

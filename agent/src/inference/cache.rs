@@ -47,7 +47,12 @@ impl ModelCache {
         if !path.is_file() {
             return None;
         }
-        match Self::nnef().model_for_path(&path) {
+        // NNEF spells some ops its own way (pooling, padding): declutter brings the graph back
+        // to the form tract's runtimes and our rewrites expect.
+        match Self::nnef()
+            .model_for_path(&path)
+            .and_then(|model| model.into_decluttered())
+        {
             Ok(model) => Some(model),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "cached model unreadable, removed: {e:#}");

@@ -94,3 +94,9 @@ dispatch!(max_assign(acc: &mut [f32], x: &[f32]) {
         *a = a.max(*x);
     }
 });
+
+dispatch!(axpy(y: &mut [f32], x: &[f32], a: f32) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+});

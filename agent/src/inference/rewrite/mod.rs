@@ -6,6 +6,7 @@
 //! compare and report a bug.
 
 mod affine;
+mod depthwise;
 mod fold;
 #[allow(unsafe_code)]
 mod kernels;
@@ -13,6 +14,7 @@ mod lrn;
 mod pool;
 
 pub use affine::ChannelAffine;
+pub use depthwise::RowDepthwiseConv;
 pub use lrn::PlaneLrn;
 pub use pool::RowMaxPool;
 
@@ -37,11 +39,17 @@ pub struct Applied {
     pub lrn: usize,
     /// 2-D `MaxPool` nodes replaced by `RowMaxPool`.
     pub max_pools: usize,
+    /// Depthwise 2-D convolutions replaced by `RowDepthwiseConv`.
+    pub depthwise_convs: usize,
 }
 
 impl Applied {
     pub fn total(&self) -> usize {
-        self.folded_into_convs + self.affine_chains + self.lrn + self.max_pools
+        self.folded_into_convs
+            + self.affine_chains
+            + self.lrn
+            + self.max_pools
+            + self.depthwise_convs
     }
 
     /// One line for logs and the human report: `2 affine chains, 1 LRN` or `none`.
@@ -62,6 +70,9 @@ impl Applied {
         if self.max_pools > 0 {
             parts.push(format!("{} max pools", self.max_pools));
         }
+        if self.depthwise_convs > 0 {
+            parts.push(format!("{} depthwise convolutions", self.depthwise_convs));
+        }
         if parts.is_empty() {
             "none".into()
         } else {
@@ -77,6 +88,8 @@ pub fn optimise(model: &mut TypedModel) -> TractResult<Applied> {
         affine_chains: affine::merge_chains(model)?,
         lrn: lrn::translate(model)?,
         max_pools: pool::translate(model)?,
+        // After the folds: a depthwise convolution's batch norm is in its weights by now.
+        depthwise_convs: depthwise::translate(model)?,
     };
     if applied.total() > 0 {
         model.compact()?;

@@ -1,0 +1,237 @@
+//! Depthwise 2-D convolution (one filter per channel: ShuffleNet, MobileNet) as plane-wide
+//! multiply-adds.
+//!
+//! tract's `DepthWiseConv` has no AVX path on x86 and runs strided cases element by element.
+//! Here each channel's plane is split once into zero-padded stride phases, after which every
+//! kernel tap is one contiguous `y += w * x` over the whole output plane (computed a few
+//! columns wide, then trimmed), whatever the stride and padding: `kh * kw` long vector
+//! multiply-adds per channel instead of one short one per output row and tap.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use super::kernels;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowDepthwiseConv {
+    /// `[channels, kh, kw]`, row-major.
+    pub weights: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub pad_before: [usize; 2],
+    /// Output height and width.
+    pub output: [usize; 2],
+}
+
+impl Eq for RowDepthwiseConv {}
+
+impl Op for RowDepthwiseConv {
+    fn name(&self) -> StaticName {
+        "RowDepthwiseConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} channels, kernel {:?} stride {:?} pad {:?}",
+            self.bias.len(),
+            self.kernel,
+            self.stride,
+            self.pad_before
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl RowDepthwiseConv {
+    /// Rows and columns of one phase plane: enough for every tap of every output.
+    fn phase_dims(&self) -> [usize; 2] {
+        [0, 1].map(|axis| self.output[axis] + (self.kernel[axis] - 1) / self.stride[axis] + 1)
+    }
+
+    /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
+    /// with `cols` columns: `phase[a][b][i][j] = x[stride_y * i + a - pad_y][stride_x * j + b -
+    /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
+    fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
+        let [rows, cols] = self.phase_dims();
+        let [sy, sx] = self.stride;
+        let [py, px] = self.pad_before.map(|p| p as isize);
+        let size = (rows + 1) * cols;
+        for a in 0..sy {
+            for b in 0..sx {
+                let phase = &mut phases[(a * sx + b) * size..][..size];
+                for (i, row) in phase.chunks_exact_mut(cols).enumerate() {
+                    let y = (sy * i + a) as isize - py;
+                    if !(0..h as isize).contains(&y) {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let input = &x[y as usize * w..][..w];
+                    // Columns j whose input column sx * j + b - px lies in 0..w.
+                    let first = (px - b as isize).max(0) as usize;
+                    let lo = first.div_ceil(sx).min(cols);
+                    let hi = ((w as isize + px - b as isize).max(0) as usize)
+                        .div_ceil(sx)
+                        .clamp(lo, cols);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    let offset = (sx * lo + b) as isize - px;
+                    if sx == 1 {
+                        row[lo..hi].copy_from_slice(&input[offset as usize..][..hi - lo]);
+                    } else {
+                        for (k, v) in row[lo..hi].iter_mut().enumerate() {
+                            *v = input[offset as usize + sx * k];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One channel: every tap is one multiply-add over all output rows at once, computed
+    /// `cols` wide (the columns past the output's width are dropped at the end).
+    fn plane(&self, c: usize, phases: &[f32], wide: &mut [f32], y: &mut [f32]) {
+        let [oh, ow] = self.output;
+        let [kh, kw] = self.kernel;
+        let [sy, sx] = self.stride;
+        let [rows, cols] = self.phase_dims();
+        let size = (rows + 1) * cols;
+        let weights = &self.weights[c * kh * kw..][..kh * kw];
+        wide.fill(self.bias[c]);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let phase = &phases[((ky % sy) * sx + kx % sx) * size..][..size];
+                let start = (ky / sy) * cols + kx / sx;
+                kernels::axpy(wide, &phase[start..][..oh * cols], weights[ky * kw + kx]);
+            }
+        }
+        for (out, wide) in y.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
+            out.copy_from_slice(&wide[..ow]);
+        }
+    }
+}
+
+impl EvalOp for RowDepthwiseConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape = input.shape();
+        ensure!(shape.len() == 4 && shape[1] == self.bias.len());
+        let (n, channels, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+        let [oh, ow] = self.output;
+        let x = input.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let mut output = kernels::output_f32(&[n, channels, oh, ow])?;
+        let mut out = output.try_as_plain_ram_mut()?;
+        let y = out.as_slice_mut::<f32>()?;
+        if oh * ow > 0 && h * w > 0 {
+            let [rows, cols] = self.phase_dims();
+            let mut phases = vec![0f32; self.stride[0] * self.stride[1] * (rows + 1) * cols];
+            let mut wide = vec![0f32; oh * cols];
+            for (ix, (x, y)) in x
+                .chunks_exact(h * w)
+                .zip(y.chunks_exact_mut(oh * ow))
+                .enumerate()
+            {
+                self.split(x, [h, w], &mut phases);
+                self.plane(ix % channels, &phases, &mut wide, y);
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for RowDepthwiseConv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape = &inputs[0].shape;
+        let out: TVec<TDim> = tvec![
+            shape[0].clone(),
+            shape[1].clone(),
+            self.output[0].into(),
+            self.output[1].into(),
+        ];
+        Ok(tvec!(inputs[0].datum_type.fact(out)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let shape = &inputs[0].shape;
+        let outputs = shape[0].clone() * shape[1].clone() * (self.output[0] * self.output[1]);
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            outputs * (self.kernel[0] * self.kernel[1])
+        )))
+    }
+}
+
+/// Replaces every f32 NCHW depthwise `Conv` (one filter per channel, no dilation) with constant
+/// weights and concrete shapes; returns how many.
+pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else {
+            continue;
+        };
+        let spec = &conv.pool_spec;
+        let fact = model.outlet_fact(node.inputs[0])?;
+        let Some(shape) = fact.shape.as_concrete() else {
+            continue;
+        };
+        if node.inputs.len() != 3
+            || conv.q_params.is_some()
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || spec.data_format != DataFormat::NCHW
+            || fact.datum_type != f32::datum_type()
+            || shape.len() != 4
+            || spec.kernel_shape.len() != 2
+            || conv.group != shape[1]
+            || spec.input_channels != shape[1]
+            || spec.output_channels != shape[1]
+            || spec.dilations().iter().any(|d| *d != 1)
+        {
+            continue;
+        }
+        let (Some(kernel), Some(bias)) = (
+            model.outlet_fact(node.inputs[1])?.konst.clone(),
+            model.outlet_fact(node.inputs[2])?.konst.clone(),
+        ) else {
+            continue;
+        };
+        let channels = shape[1];
+        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+        if kernel.datum_type() != f32::datum_type()
+            || kernel.shape() != [channels, 1, kh, kw]
+            || bias.datum_type() != f32::datum_type()
+            || !(bias.len() == 1 || bias.len() == channels)
+        {
+            continue;
+        }
+        let padding = spec.computed_padding(&shape[2..]);
+        let strides = spec.strides();
+        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let op = RowDepthwiseConv {
+            weights: kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+            bias: (0..channels).map(|c| bias[c % bias.len()]).collect(),
+            kernel: [kh, kw],
+            stride: [strides[0], strides[1]],
+            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            output: [padding[0].convoluted, padding[1].convoluted],
+        };
+        let produced = &node.outputs[0].fact.shape;
+        if op.stride.contains(&0)
+            || produced.as_concrete() != Some(&[shape[0], channels, op.output[0], op.output[1]][..])
+        {
+            continue;
+        }
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
