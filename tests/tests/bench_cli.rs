@@ -552,6 +552,46 @@ fn profile_says_where_the_time_goes() {
 }
 
 #[test]
+fn rewrites_are_reported_checked_and_can_be_turned_off() {
+    let op_names = |report: &Value| -> Vec<String> {
+        report["profile"]["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["op"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let squeezenet = [
+        "models/squeezenet/model.onnx",
+        "--device",
+        "cpu",
+        "--profile",
+    ];
+    let mut args = squeezenet.to_vec();
+    args.push("--check-outputs");
+    let ours = bench_json(&args);
+    let rewrites = &ours["programmability"]["rewrites"];
+    assert_eq!(rewrites["max_pools"], 3, "{rewrites}");
+    assert!(op_names(&ours).contains(&"RowMaxPool".to_string()));
+    // Checked against tract's unmodified plan on the same inputs.
+    let diff = ours["outputs_vs_cpu"]["max_abs_diff"].as_f64().unwrap();
+    assert!(diff < 1e-5, "rewrites moved SqueezeNet's outputs by {diff}");
+
+    let mut args = squeezenet.to_vec();
+    args.push("--no-rewrites");
+    let plain = bench_json(&args);
+    let counts = plain["programmability"]["rewrites"].as_object().unwrap();
+    assert!(counts.values().all(|v| v == 0), "{counts:?}");
+    let ops = op_names(&plain);
+    assert!(ops.contains(&"OptMaxPool".to_string()), "{ops:?}");
+    assert!(
+        !ops.iter()
+            .any(|op| op.starts_with("Row") || op == "ChannelAffine"),
+        "{ops:?}"
+    );
+}
+
+#[test]
 fn a_reader_that_goes_away_is_not_a_crash() {
     // `plaster-agent bench --json | head -c 10`: stdout closes before the report is written.
     let mut child = std::process::Command::new(plaster_agent_tests::agent_bin())

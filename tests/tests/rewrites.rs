@@ -54,7 +54,7 @@ fn rewritten_outputs_match(rel: &str) -> Applied {
 fn outputs_match(rel: &str, ours: &PreparedModel, theirs: &PreparedModel) {
     let (mut a, mut b) = (ours.session().unwrap(), theirs.session().unwrap());
     for seed in 0..4 {
-        let inputs = normal_inputs(&theirs, seed);
+        let inputs = normal_inputs(theirs, seed);
         let (x, y) = (a.run(inputs.clone()).unwrap(), b.run(inputs).unwrap());
         assert_eq!(x.len(), y.len());
         for (ix, (x, y)) in x.iter().zip(y.iter()).enumerate() {

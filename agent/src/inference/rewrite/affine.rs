@@ -13,7 +13,7 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Max, Mul, Sub};
 
-use super::kernels;
+use super::{kernels, sole_reader};
 
 /// `y = a_c * x + b_c`, then `max(y, 0)` when `relu`, with `c` the index on axis 1.
 #[derive(Clone, Debug, PartialEq)]
@@ -199,21 +199,15 @@ fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<Vec<usize>> {
     if fuses_epilogue(producer) && model.outlet_successors(start.inputs[x_slot]).len() == 1 {
         return None;
     }
-    let outputs = model.output_outlets().ok()?;
     let mut chain = vec![start.id];
     let mut last = start;
     let mut last_step = first;
+    // An intermediate read elsewhere (another node, or as a model output) must stay.
     while !matches!(last_step, Step::Relu) {
         let outlet = OutletId::new(last.id, 0);
-        // An intermediate read elsewhere (another node, or as a model output) must stay.
-        if outputs.contains(&outlet) {
+        let Some(next) = sole_reader(model, outlet) else {
             break;
-        }
-        let succs = model.outlet_successors(outlet);
-        if succs.len() != 1 {
-            break;
-        }
-        let next = model.node(succs[0].node);
+        };
         match step_of(model, next) {
             Some((step, slot)) if next.inputs[slot] == outlet => {
                 chain.push(next.id);

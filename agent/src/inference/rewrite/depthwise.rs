@@ -10,20 +10,16 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::kernels;
+use super::geometry::Window2d;
+use super::{conv_constants, kernels};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowDepthwiseConv {
     /// `[channels, kh, kw]`, row-major.
     pub weights: Vec<f32>,
     pub bias: Vec<f32>,
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub pad_before: [usize; 2],
-    /// Output height and width.
-    pub output: [usize; 2],
+    pub geometry: Window2d,
 }
 
 impl Eq for RowDepthwiseConv {}
@@ -35,11 +31,9 @@ impl Op for RowDepthwiseConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} channels, kernel {:?} stride {:?} pad {:?}",
+            "{} channels, {}",
             self.bias.len(),
-            self.kernel,
-            self.stride,
-            self.pad_before
+            self.geometry.info()
         )])
     }
 
@@ -49,7 +43,13 @@ impl Op for RowDepthwiseConv {
 impl RowDepthwiseConv {
     /// Rows and columns of one phase plane: enough for every tap of every output.
     fn phase_dims(&self) -> [usize; 2] {
-        [0, 1].map(|axis| self.output[axis] + (self.kernel[axis] - 1) / self.stride[axis] + 1)
+        let Window2d {
+            kernel,
+            stride,
+            output,
+            ..
+        } = &self.geometry;
+        [0, 1].map(|axis| output[axis] + (kernel[axis] - 1) / stride[axis] + 1)
     }
 
     /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
@@ -57,8 +57,8 @@ impl RowDepthwiseConv {
     /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
     fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
         let [rows, cols] = self.phase_dims();
-        let [sy, sx] = self.stride;
-        let [py, px] = self.pad_before.map(|p| p as isize);
+        let [sy, sx] = self.geometry.stride;
+        let [py, px] = self.geometry.pad_before.map(|p| p as isize);
         let size = (rows + 1) * cols;
         for a in 0..sy {
             for b in 0..sx {
@@ -94,9 +94,9 @@ impl RowDepthwiseConv {
     /// One channel: every tap is one multiply-add over all output rows at once, computed
     /// `cols` wide (the columns past the output's width are dropped at the end).
     fn plane(&self, c: usize, phases: &[f32], wide: &mut [f32], y: &mut [f32]) {
-        let [oh, ow] = self.output;
-        let [kh, kw] = self.kernel;
-        let [sy, sx] = self.stride;
+        let [oh, ow] = self.geometry.output;
+        let [kh, kw] = self.geometry.kernel;
+        let [sy, sx] = self.geometry.stride;
         let [rows, cols] = self.phase_dims();
         let size = (rows + 1) * cols;
         let weights = &self.weights[c * kh * kw..][..kh * kw];
@@ -122,7 +122,7 @@ impl EvalOp for RowDepthwiseConv {
         let shape = input.shape();
         ensure!(shape.len() == 4 && shape[1] == self.bias.len());
         let (n, channels, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-        let [oh, ow] = self.output;
+        let [oh, ow] = self.geometry.output;
         let x = input.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
         let mut output = kernels::output_f32(&[n, channels, oh, ow])?;
@@ -130,7 +130,8 @@ impl EvalOp for RowDepthwiseConv {
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
             let [rows, cols] = self.phase_dims();
-            let mut phases = vec![0f32; self.stride[0] * self.stride[1] * (rows + 1) * cols];
+            let [sy, sx] = self.geometry.stride;
+            let mut phases = vec![0f32; sy * sx * (rows + 1) * cols];
             let mut wide = vec![0f32; oh * cols];
             for (ix, (x, y)) in x
                 .chunks_exact(h * w)
@@ -149,22 +150,16 @@ impl TypedOp for RowDepthwiseConv {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let shape = &inputs[0].shape;
-        let out: TVec<TDim> = tvec![
-            shape[0].clone(),
-            shape[1].clone(),
-            self.output[0].into(),
-            self.output[1].into(),
-        ];
-        Ok(tvec!(inputs[0].datum_type.fact(out)))
+        Ok(tvec!(self.geometry.output_fact(inputs[0])))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let shape = &inputs[0].shape;
-        let outputs = shape[0].clone() * shape[1].clone() * (self.output[0] * self.output[1]);
+        let [oh, ow] = self.geometry.output;
+        let outputs = shape[0].clone() * shape[1].clone() * (oh * ow);
         Ok(tvec!((
             Cost::FMA(f32::datum_type()),
-            outputs * (self.kernel[0] * self.kernel[1])
+            outputs * (self.geometry.kernel[0] * self.geometry.kernel[1])
         )))
     }
 }
@@ -183,52 +178,32 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         let Some(shape) = fact.shape.as_concrete() else {
             continue;
         };
-        if node.inputs.len() != 3
-            || conv.q_params.is_some()
+        if conv.q_params.is_some()
             || conv.kernel_fmt != KernelFormat::OIHW
-            || spec.data_format != DataFormat::NCHW
             || fact.datum_type != f32::datum_type()
             || shape.len() != 4
-            || spec.kernel_shape.len() != 2
             || conv.group != shape[1]
             || spec.input_channels != shape[1]
             || spec.output_channels != shape[1]
-            || spec.dilations().iter().any(|d| *d != 1)
         {
             continue;
         }
-        let (Some(kernel), Some(bias)) = (
-            model.outlet_fact(node.inputs[1])?.konst.clone(),
-            model.outlet_fact(node.inputs[2])?.konst.clone(),
-        ) else {
+        let Some(geometry) = Window2d::of(spec, shape, &node.outputs[0].fact) else {
+            continue;
+        };
+        let Some((kernel, bias)) = conv_constants(model, node, shape[1]) else {
             continue;
         };
         let channels = shape[1];
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        if kernel.datum_type() != f32::datum_type()
-            || kernel.shape() != [channels, 1, kh, kw]
-            || bias.datum_type() != f32::datum_type()
-            || !(bias.len() == 1 || bias.len() == channels)
-        {
+        let [kh, kw] = geometry.kernel;
+        if kernel.shape() != [channels, 1, kh, kw] {
             continue;
         }
-        let padding = spec.computed_padding(&shape[2..]);
-        let strides = spec.strides();
-        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
         let op = RowDepthwiseConv {
             weights: kernel.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-            bias: (0..channels).map(|c| bias[c % bias.len()]).collect(),
-            kernel: [kh, kw],
-            stride: [strides[0], strides[1]],
-            pad_before: [padding[0].pad_before, padding[1].pad_before],
-            output: [padding[0].convoluted, padding[1].convoluted],
+            bias,
+            geometry,
         };
-        let produced = &node.outputs[0].fact.shape;
-        if op.stride.contains(&0)
-            || produced.as_concrete() != Some(&[shape[0], channels, op.output[0], op.output[1]][..])
-        {
-            continue;
-        }
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs[..1], op)?;
         patch.apply(model)?;
         replaced += 1;

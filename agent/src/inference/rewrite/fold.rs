@@ -11,22 +11,14 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::affine::{compose, step_of, Step};
+use super::{conv_constants, sole_reader};
 
 /// The affine steps (no activation) right after `conv`'s output, each the only reader of the
 /// one before and none of them a model output.
-fn affine_successors(model: &TypedModel, conv: &TypedNode) -> TractResult<Vec<usize>> {
-    let outputs = model.output_outlets()?;
+fn affine_successors(model: &TypedModel, conv: &TypedNode) -> Vec<usize> {
     let mut chain = Vec::new();
     let mut outlet = OutletId::new(conv.id, 0);
-    loop {
-        if outputs.contains(&outlet) {
-            break;
-        }
-        let succs = model.outlet_successors(outlet);
-        if succs.len() != 1 {
-            break;
-        }
-        let next = model.node(succs[0].node);
+    while let Some(next) = sole_reader(model, outlet) {
         match step_of(model, next) {
             Some((Step::Relu, _)) | None => break,
             Some((_, slot)) if next.inputs[slot] != outlet => break,
@@ -36,7 +28,7 @@ fn affine_successors(model: &TypedModel, conv: &TypedNode) -> TractResult<Vec<us
             }
         }
     }
-    Ok(chain)
+    chain
 }
 
 /// `kernel` with output channel `o` (on `o_axis`) multiplied by `scale[o]`.
@@ -65,24 +57,14 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
         if conv.group == 1
             || conv.q_params.is_some()
             || conv.pool_spec.data_format != DataFormat::NCHW
-            || node.inputs.len() != 3
         {
             continue;
         }
-        let (Some(kernel), Some(bias)) = (
-            model.outlet_fact(node.inputs[1])?.konst.clone(),
-            model.outlet_fact(node.inputs[2])?.konst.clone(),
-        ) else {
+        let channels = conv.output_channels();
+        let Some((kernel, bias)) = conv_constants(model, node, channels) else {
             continue;
         };
-        let channels = conv.output_channels();
-        if kernel.datum_type() != f32::datum_type()
-            || bias.datum_type() != f32::datum_type()
-            || !(bias.len() == 1 || bias.len() == channels)
-        {
-            continue;
-        }
-        let chain = affine_successors(model, node)?;
+        let chain = affine_successors(model, node);
         if chain.is_empty() {
             continue;
         }
@@ -92,9 +74,8 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
         }
         let o_axis = conv.kernel_fmt.o_axis(kernel.shape());
         let new_kernel = scale_kernel(&kernel, o_axis, &affine.scale)?;
-        let bias_values = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
         let new_bias: Vec<f32> = (0..channels)
-            .map(|o| bias_values[o % bias_values.len()] * affine.scale[o] + affine.shift[o])
+            .map(|o| bias[o] * affine.scale[o] + affine.shift[o])
             .collect();
         let last = *chain.last().expect("the chain is not empty");
         let mut patch =

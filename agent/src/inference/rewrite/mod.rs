@@ -8,6 +8,7 @@
 mod affine;
 mod depthwise;
 mod fold;
+mod geometry;
 #[allow(unsafe_code)]
 mod kernels;
 mod lrn;
@@ -79,6 +80,48 @@ impl Applied {
             parts.join(", ")
         }
     }
+}
+
+/// The node reading `outlet` when it is the only reader and `outlet` is not a model output:
+/// what a rewrite may fuse with the node that produced `outlet`.
+fn sole_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    if model.output_outlets().ok()?.contains(&outlet) {
+        return None;
+    }
+    match model.outlet_successors(outlet) {
+        [only] => Some(model.node(only.node)),
+        _ => None,
+    }
+}
+
+/// A float convolution's constant kernel, and its bias as one value per output channel (a
+/// scalar bias repeated), or `None` when either is computed or not f32.
+fn conv_constants(
+    model: &TypedModel,
+    conv: &TypedNode,
+    channels: usize,
+) -> Option<(Arc<Tensor>, Vec<f32>)> {
+    if conv.inputs.len() != 3 {
+        return None;
+    }
+    let kernel = model.outlet_fact(conv.inputs[1]).ok()?.konst.clone()?;
+    let bias = model.outlet_fact(conv.inputs[2]).ok()?.konst.clone()?;
+    if kernel.datum_type() != f32::datum_type()
+        || bias.datum_type() != f32::datum_type()
+        || !(bias.len() == 1 || bias.len() == channels)
+    {
+        return None;
+    }
+    let values = bias
+        .try_as_plain_ram()
+        .ok()?
+        .as_slice::<f32>()
+        .ok()?
+        .to_vec();
+    Some((
+        kernel,
+        (0..channels).map(|c| values[c % values.len()]).collect(),
+    ))
 }
 
 /// Runs every rewrite over `model` (decluttered, f32, for the CPU runtime).

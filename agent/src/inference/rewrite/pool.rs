@@ -9,18 +9,12 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::MaxPool;
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::geometry::Window2d;
 use super::kernels;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowMaxPool {
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub pad_before: [usize; 2],
-    /// Output height and width.
-    pub output: [usize; 2],
-}
+pub struct RowMaxPool(pub Window2d);
 
 impl Op for RowMaxPool {
     fn name(&self) -> StaticName {
@@ -28,37 +22,33 @@ impl Op for RowMaxPool {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "kernel {:?} stride {:?} pad {:?}",
-            self.kernel, self.stride, self.pad_before
-        )])
+        Ok(vec![self.0.info()])
     }
 
     op_as_typed_op!();
 }
 
 impl RowMaxPool {
-    /// The input indices of output index `o`'s window on an axis of length `len`.
-    fn window(&self, axis: usize, o: usize, len: usize) -> std::ops::Range<usize> {
-        let start = (o * self.stride[axis]) as isize - self.pad_before[axis] as isize;
-        let end = start + self.kernel[axis] as isize;
-        (start.max(0) as usize)..(end.min(len as isize).max(0) as usize)
-    }
-
     /// Length of a padded input row that covers every output column's window.
     fn padded_width(&self, w: usize) -> usize {
-        let [_, ow] = self.output;
-        (self.stride[1] * ow.saturating_sub(1) + self.kernel[1]).max(self.pad_before[1] + w)
+        let Window2d {
+            kernel,
+            stride,
+            pad_before,
+            output: [_, ow],
+        } = &self.0;
+        (stride[1] * ow.saturating_sub(1) + kernel[1]).max(pad_before[1] + w)
     }
 
     /// One channel plane. The horizontal max is done as `kernel` contiguous passes: with the
     /// padded row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), window
     /// element `j` of every output column is `phase[j % stride][column + j / stride]`.
     fn plane(&self, x: &[f32], y: &mut [f32], [h, w]: [usize; 2], scratch: &mut Scratch) {
-        let [oh, ow] = self.output;
-        let (pad, stride) = (self.pad_before[1], self.stride[1]);
+        let geometry = &self.0;
+        let [oh, ow] = geometry.output;
+        let (pad, stride) = (geometry.pad_before[1], geometry.stride[1]);
         for oy in 0..oh {
-            let rows = self.window(0, oy, h);
+            let rows = geometry.window(0, oy, h);
             let out = &mut y[oy * ow..][..ow];
             out.fill(f32::NEG_INFINITY);
             if rows.is_empty() {
@@ -78,7 +68,7 @@ impl RowMaxPool {
                         .unwrap_or(f32::NEG_INFINITY);
                 }
             }
-            for j in 0..self.kernel[1] {
+            for j in 0..geometry.kernel[1] {
                 kernels::max_assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
             }
         }
@@ -94,9 +84,9 @@ struct Scratch {
 
 impl Scratch {
     fn new(op: &RowMaxPool, w: usize) -> Scratch {
-        let [_, ow] = op.output;
-        let stride = op.stride[1];
-        let phase_len = ow + (op.kernel[1] - 1) / stride + 1;
+        let [_, ow] = op.0.output;
+        let stride = op.0.stride[1];
+        let phase_len = ow + (op.0.kernel[1] - 1) / stride + 1;
         Scratch {
             row: vec![f32::NEG_INFINITY; op.padded_width(w)],
             phases: vec![vec![f32::NEG_INFINITY; phase_len]; stride],
@@ -112,7 +102,7 @@ impl EvalOp for RowMaxPool {
         let shape = input.shape();
         ensure!(shape.len() == 4);
         let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-        let [oh, ow] = self.output;
+        let [oh, ow] = self.0.output;
         let view = input.try_as_plain_ram()?;
         let x = view.as_slice::<f32>()?;
         let mut output = kernels::output_f32(&[n, c, oh, ow])?;
@@ -132,18 +122,12 @@ impl TypedOp for RowMaxPool {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let shape = &inputs[0].shape;
-        let out: TVec<TDim> = tvec![
-            shape[0].clone(),
-            shape[1].clone(),
-            self.output[0].into(),
-            self.output[1].into(),
-        ];
-        Ok(tvec!(inputs[0].datum_type.fact(out)))
+        Ok(tvec!(self.0.output_fact(inputs[0])))
     }
 }
 
-/// Replaces every f32 2-D NCHW `MaxPool` (no dilation, no index output) of concrete shape.
+/// Replaces every f32 2-D NCHW `MaxPool` (no dilation, no index output) of concrete shape;
+/// returns how many.
 pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
@@ -151,34 +135,17 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         let Some(pool) = node.op_as::<MaxPool>() else {
             continue;
         };
-        let spec = &pool.pool_spec;
         let fact = model.outlet_fact(node.inputs[0])?;
         let Some(shape) = fact.shape.as_concrete() else {
             continue;
         };
-        if pool.with_index_outputs.is_some()
-            || spec.strides().contains(&0)
-            || spec.kernel_shape.contains(&0)
-            || fact.datum_type != f32::datum_type()
-            || spec.data_format != DataFormat::NCHW
-            || shape.len() != 4
-            || spec.kernel_shape.len() != 2
-            || spec.dilations().iter().any(|d| *d != 1)
-        {
+        if pool.with_index_outputs.is_some() || fact.datum_type != f32::datum_type() {
             continue;
         }
-        let padding = spec.computed_padding(&shape[2..]);
-        let strides = spec.strides();
-        let op = RowMaxPool {
-            kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
-            stride: [strides[0], strides[1]],
-            pad_before: [padding[0].pad_before, padding[1].pad_before],
-            output: [padding[0].convoluted, padding[1].convoluted],
+        let Some(geometry) = Window2d::of(&pool.pool_spec, shape, &node.outputs[0].fact) else {
+            continue;
         };
-        let produced = &node.outputs[0].fact.shape;
-        if produced.as_concrete() != Some(&[shape[0], shape[1], op.output[0], op.output[1]][..]) {
-            continue;
-        }
+        let op = RowMaxPool(geometry);
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
         patch.apply(model)?;
         replaced += 1;
