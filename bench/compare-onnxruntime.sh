@@ -49,7 +49,7 @@ for spec in "${MODELS[@]}"; do
 import json, sys
 name, threads, agent, plain, ort = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:])
 a, p, o = agent["latency_ms"]["p50"], plain["latency_ms"]["p50"], ort["p50"]
-rw = agent["programmability"]["rewrites"]
+rw = agent["programmability"].get("rewrites", {})
 applied = ", ".join(f"{k} {v}" for k, v in rw.items() if v) or "none"
 diff = agent["outputs_vs_cpu"]["max_abs_diff"]
 print(f"| {name} | {threads} | {a:.4f} | {p:.4f} | {o:.4f} | {a / o:.2f} | {p / o:.2f} | {applied} | {diff:.1e} |")

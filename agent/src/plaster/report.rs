@@ -56,8 +56,12 @@ pub struct ProgrammabilityReport {
     pub nodes_total: usize,
     pub nodes_on_accelerator: usize,
     pub cpu_fallback_ops: Vec<String>,
-    /// Our graph rewrites applied to the plan (absent from reports of older agents).
-    #[serde(default)]
+    /// Our graph rewrites applied to the plan; absent when none was (no bytes in telemetry
+    /// for models they do not touch, and in reports of older agents).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::inference::rewrite::Applied::is_none"
+    )]
     pub rewrites: crate::inference::rewrite::Applied,
 }
 

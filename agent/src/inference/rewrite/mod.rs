@@ -45,6 +45,10 @@ pub struct Applied {
 }
 
 impl Applied {
+    pub fn is_none(&self) -> bool {
+        self.total() == 0
+    }
+
     pub fn total(&self) -> usize {
         self.folded_into_convs
             + self.affine_chains
