@@ -1,8 +1,8 @@
 //! Model load time from ONNX vs from the NNEF cache (inference::cache), alternating rounds so
 //! machine noise hits both alike. Each round loads the ONNX file (parse, checks, sha256), then
 //! prepares the CPU plan: fixes the batch and declutters (or reads the cached NNEF), applies
-//! our rewrites and runs tract's codegen: what the agent does at start and on every model update. Prints one JSON
-//! object with the median of each phase.
+//! our rewrites and runs tract's codegen: what the agent does at start and on every model
+//! update. Prints one JSON object with the median of each phase.
 //!
 //! Usage: load_time MODEL ROUNDS
 

@@ -48,7 +48,6 @@ pub struct Engine {
     pub accuracy_at_load: Option<Accuracy>,
     /// The runtime the model was prepared on (further plans, e.g. the API's batch sizes, use it).
     pub choice: RuntimeChoice,
-    pub threads: usize,
     pub loaded_at: SystemTime,
 }
 
@@ -88,7 +87,6 @@ impl Engine {
             dataset_path,
             accuracy_at_load,
             choice,
-            threads: config.threads,
             loaded_at: SystemTime::now(),
         })
     }

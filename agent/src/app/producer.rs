@@ -62,7 +62,7 @@ impl Fixed {
                 id: device_id.to_string(),
                 arch: std::env::consts::ARCH.to_string(),
                 runtime: prepared.runtime().as_str().to_string(),
-                threads: engine.threads,
+                threads: prepared.options().threads,
             },
             model: ModelInfo {
                 name: active.name().to_string(),

@@ -123,8 +123,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 
-    /// Run tract's plan as tract optimises it, without our graph rewrites (merged affine
-    /// chains, plane LRN): to compare, or to rule them out when reporting a bug
+    /// Run tract's plan as tract optimises it, without our graph rewrites (folded and merged
+    /// per-channel chains, our LRN, max pool and depthwise ops): to compare, or to rule them
+    /// out when reporting a bug
     #[arg(long)]
     pub no_rewrites: bool,
 

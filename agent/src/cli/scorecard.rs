@@ -77,7 +77,7 @@ fn rows(r: &Report) -> Vec<(char, &'static str, String)> {
             p.cpu_fallback_ops.join(", ")
         ));
     }
-    if p.rewrites.total() > 0 {
+    if !p.rewrites.is_none() {
         programmability.push_str(&format!("; rewritten: {}", p.rewrites.summary()));
     }
     let l = &r.latency_ms;

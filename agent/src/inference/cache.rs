@@ -8,7 +8,7 @@
 //! skipped with a warning, never an error: it only ever saves time.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tract_onnx::prelude::*;
 use tract_onnx::WithOnnx;
@@ -24,10 +24,6 @@ pub struct ModelCache {
 impl ModelCache {
     pub fn new(dir: impl Into<PathBuf>) -> ModelCache {
         ModelCache { dir: dir.into() }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Where the entry of a model at `batch` lives.

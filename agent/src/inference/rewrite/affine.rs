@@ -188,8 +188,38 @@ fn fuses_epilogue(node: &TypedNode) -> bool {
     node.op_is::<Conv>() || node.op_is::<EinSum>()
 }
 
-/// A maximal chain: node ids in order, and the x slot of the first.
-fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<Vec<usize>> {
+/// Consecutive step nodes and what each does, in order.
+#[derive(Default)]
+pub(super) struct Chain {
+    pub nodes: Vec<usize>,
+    pub steps: Vec<Step>,
+}
+
+/// The steps that follow `outlet`, each the only reader of the one before and none of them a
+/// model output (an intermediate read elsewhere must stay); up to and including a ReLU when
+/// `with_relu`, else up to the ReLU.
+pub(super) fn steps_after(model: &TypedModel, mut outlet: OutletId, with_relu: bool) -> Chain {
+    let mut chain = Chain::default();
+    while let Some(next) = sole_reader(model, outlet) {
+        let Some((step, slot)) = step_of(model, next) else {
+            break;
+        };
+        let relu = matches!(step, Step::Relu);
+        if next.inputs[slot] != outlet || (relu && !with_relu) {
+            break;
+        }
+        chain.nodes.push(next.id);
+        chain.steps.push(step);
+        if relu {
+            break;
+        }
+        outlet = OutletId::new(next.id, 0);
+    }
+    chain
+}
+
+/// A maximal chain starting at `start`, and the slot of `start`'s non-constant input.
+fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<(Chain, usize)> {
     let (first, x_slot) = step_of(model, start)?;
     if matches!(first, Step::Relu) {
         // A lone activation is tract's to fuse into its producer.
@@ -199,35 +229,21 @@ fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<Vec<usize>> {
     if fuses_epilogue(producer) && model.outlet_successors(start.inputs[x_slot]).len() == 1 {
         return None;
     }
-    let mut chain = vec![start.id];
-    let mut last = start;
-    let mut last_step = first;
-    // An intermediate read elsewhere (another node, or as a model output) must stay.
-    while !matches!(last_step, Step::Relu) {
-        let outlet = OutletId::new(last.id, 0);
-        let Some(next) = sole_reader(model, outlet) else {
-            break;
-        };
-        match step_of(model, next) {
-            Some((step, slot)) if next.inputs[slot] == outlet => {
-                chain.push(next.id);
-                last = next;
-                last_step = step;
-            }
-            _ => break,
-        }
-    }
-    (chain.len() >= 2).then_some(chain)
+    let rest = steps_after(model, OutletId::new(start.id, 0), true);
+    let chain = Chain {
+        nodes: [start.id].into_iter().chain(rest.nodes).collect(),
+        steps: [first].into_iter().chain(rest.steps).collect(),
+    };
+    (chain.nodes.len() >= 2).then_some((chain, x_slot))
 }
 
 /// Composes a chain's steps into one op.
-pub(super) fn compose(model: &TypedModel, chain: &[usize]) -> ChannelAffine {
+pub(super) fn compose(steps: &[Step]) -> ChannelAffine {
     let mut scale: Vec<f32> = Vec::new();
     let mut shift: Vec<f32> = Vec::new();
     let mut relu = false;
-    for &id in chain {
-        let (step, _) = step_of(model, model.node(id)).expect("chain nodes are steps");
-        let channels = match &step {
+    for step in steps {
+        let channels = match step {
             Step::Mul(v) | Step::Add(v) | Step::SubConst(v) | Step::ConstSub(v) => v.len(),
             Step::Relu => scale.len(),
         };
@@ -236,7 +252,7 @@ pub(super) fn compose(model: &TypedModel, chain: &[usize]) -> ChannelAffine {
             shift = vec![0.0; channels];
         }
         for c in 0..channels {
-            match &step {
+            match step {
                 Step::Mul(v) => {
                     scale[c] *= v[c];
                     shift[c] *= v[c];
@@ -262,19 +278,17 @@ pub fn merge_chains(model: &mut TypedModel) -> TractResult<usize> {
         if taken.contains(&id) {
             continue;
         }
-        if let Some(chain) = chain_from(model, model.node(id)) {
-            taken.extend(chain.iter().copied());
-            chains.push(chain);
+        if let Some((chain, x_slot)) = chain_from(model, model.node(id)) {
+            taken.extend(chain.nodes.iter().copied());
+            chains.push((chain, x_slot));
         }
     }
-    for chain in &chains {
-        let op = compose(model, chain);
-        let first = model.node(chain[0]);
-        let (_, slot) = step_of(model, first).expect("chain nodes are steps");
+    for (chain, x_slot) in &chains {
+        let op = compose(&chain.steps);
         // Read the input now: an earlier patch may have rewired it to its own output.
-        let input = first.inputs[slot];
-        let last = *chain.last().expect("chains are not empty");
-        let mut patch = TypedModelPatch::new(format!("merge {} affine steps", chain.len()));
+        let input = model.node(chain.nodes[0]).inputs[*x_slot];
+        let last = *chain.nodes.last().expect("chains are not empty");
+        let mut patch = TypedModelPatch::new(format!("merge {} affine steps", chain.nodes.len()));
         let tap = patch.tap_model(model, input)?;
         let name = format!("{}.affine", model.node(last).name);
         let out = patch.wire_node(name, op, &[tap])?[0];

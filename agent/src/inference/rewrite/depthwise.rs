@@ -41,22 +41,11 @@ impl Op for RowDepthwiseConv {
 }
 
 impl RowDepthwiseConv {
-    /// Rows and columns of one phase plane: enough for every tap of every output.
-    fn phase_dims(&self) -> [usize; 2] {
-        let Window2d {
-            kernel,
-            stride,
-            output,
-            ..
-        } = &self.geometry;
-        [0, 1].map(|axis| output[axis] + (kernel[axis] - 1) / stride[axis] + 1)
-    }
-
     /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
     /// with `cols` columns: `phase[a][b][i][j] = x[stride_y * i + a - pad_y][stride_x * j + b -
     /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
     fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
-        let [rows, cols] = self.phase_dims();
+        let [rows, cols] = self.geometry.phase_dims();
         let [sy, sx] = self.geometry.stride;
         let [py, px] = self.geometry.pad_before.map(|p| p as isize);
         let size = (rows + 1) * cols;
@@ -97,7 +86,7 @@ impl RowDepthwiseConv {
         let [oh, ow] = self.geometry.output;
         let [kh, kw] = self.geometry.kernel;
         let [sy, sx] = self.geometry.stride;
-        let [rows, cols] = self.phase_dims();
+        let [rows, cols] = self.geometry.phase_dims();
         let size = (rows + 1) * cols;
         let weights = &self.weights[c * kh * kw..][..kh * kw];
         wide.fill(self.bias[c]);
@@ -129,7 +118,7 @@ impl EvalOp for RowDepthwiseConv {
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
-            let [rows, cols] = self.phase_dims();
+            let [rows, cols] = self.geometry.phase_dims();
             let [sy, sx] = self.geometry.stride;
             let mut phases = vec![0f32; sy * sx * (rows + 1) * cols];
             let mut wide = vec![0f32; oh * cols];

@@ -10,26 +10,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::affine::{compose, step_of, Step};
-use super::{conv_constants, sole_reader};
-
-/// The affine steps (no activation) right after `conv`'s output, each the only reader of the
-/// one before and none of them a model output.
-fn affine_successors(model: &TypedModel, conv: &TypedNode) -> Vec<usize> {
-    let mut chain = Vec::new();
-    let mut outlet = OutletId::new(conv.id, 0);
-    while let Some(next) = sole_reader(model, outlet) {
-        match step_of(model, next) {
-            Some((Step::Relu, _)) | None => break,
-            Some((_, slot)) if next.inputs[slot] != outlet => break,
-            Some(_) => {
-                chain.push(next.id);
-                outlet = OutletId::new(next.id, 0);
-            }
-        }
-    }
-    chain
-}
+use super::affine::{compose, steps_after};
+use super::conv_constants;
 
 /// `kernel` with output channel `o` (on `o_axis`) multiplied by `scale[o]`.
 fn scale_kernel(kernel: &Tensor, o_axis: usize, scale: &[f32]) -> TractResult<Tensor> {
@@ -64,11 +46,12 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
         let Some((kernel, bias)) = conv_constants(model, node, channels) else {
             continue;
         };
-        let chain = affine_successors(model, node);
-        if chain.is_empty() {
+        // The multiplies and adds after it; a ReLU stays (it follows the folded convolution).
+        let chain = steps_after(model, OutletId::new(node.id, 0), false);
+        if chain.nodes.is_empty() {
             continue;
         }
-        let affine = compose(model, &chain);
+        let affine = compose(&chain.steps);
         if affine.scale.len() != channels {
             continue;
         }
@@ -77,9 +60,12 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
         let new_bias: Vec<f32> = (0..channels)
             .map(|o| bias[o] * affine.scale[o] + affine.shift[o])
             .collect();
-        let last = *chain.last().expect("the chain is not empty");
-        let mut patch =
-            TypedModelPatch::new(format!("fold {} steps into {}", chain.len(), node.name));
+        let last = *chain.nodes.last().expect("the chain is not empty");
+        let mut patch = TypedModelPatch::new(format!(
+            "fold {} steps into {}",
+            chain.nodes.len(),
+            node.name
+        ));
         let input = patch.tap_model(model, node.inputs[0])?;
         let k = patch.add_const(format!("{}.folded_kernel", node.name), new_kernel)?;
         let b = patch.add_const(format!("{}.folded_bias", node.name), tensor1(&new_bias))?;

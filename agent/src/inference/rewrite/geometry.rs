@@ -49,6 +49,13 @@ impl Window2d {
         (start.max(0) as usize)..(end.min(len as isize).max(0) as usize)
     }
 
+    /// Rows and columns of one stride phase of the padded input (`phase[i][j] =
+    /// padded[stride_y * i + a][stride_x * j + b]` for phase `(a, b)`): enough for every tap of
+    /// every output, each tap then being one contiguous run per output row.
+    pub fn phase_dims(&self) -> [usize; 2] {
+        [0, 1].map(|axis| self.output[axis] + (self.kernel[axis] - 1) / self.stride[axis] + 1)
+    }
+
     /// `[N, C, output height, output width]` of `input`'s type.
     pub fn output_fact(&self, input: &TypedFact) -> TypedFact {
         let shape = &input.shape;

@@ -2,7 +2,7 @@
 //! patterns tract runs slowly on CPUs with our own ops (PERFORMANCE.md has the profiles that
 //! chose them). Each rewrite keeps the model's outputs within [`TOLERANCE`] of tract's
 //! unmodified plan; `tests/tests/rewrites.rs` checks that on every model and on synthetic
-//! graphs. `--no-rewrites` (`inference.rewrites = false`) turns the pass off, so a user can
+//! graphs. `--no-rewrites` (`model.rewrites = false`) turns the pass off, so a user can
 //! compare and report a bug.
 
 mod affine;
@@ -20,9 +20,6 @@ pub use lrn::PlaneLrn;
 pub use pool::RowMaxPool;
 
 use tract_onnx::prelude::*;
-
-/// Bumped whenever a rewrite changes what it produces (it keys cached models).
-pub const VERSION: u32 = 1;
 
 /// Largest absolute difference a rewrite may introduce in an output, relative to the largest
 /// absolute value of that output (they reorder floating-point sums and use square roots for
@@ -138,7 +135,7 @@ pub fn optimise(model: &mut TypedModel) -> TractResult<Applied> {
         // After the folds: a depthwise convolution's batch norm is in its weights by now.
         depthwise_convs: depthwise::translate(model)?,
     };
-    if applied.total() > 0 {
+    if !applied.is_none() {
         model.compact()?;
     }
     Ok(applied)

@@ -84,12 +84,10 @@ struct Scratch {
 
 impl Scratch {
     fn new(op: &RowMaxPool, w: usize) -> Scratch {
-        let [_, ow] = op.0.output;
-        let stride = op.0.stride[1];
-        let phase_len = ow + (op.0.kernel[1] - 1) / stride + 1;
+        let [_, phase_len] = op.0.phase_dims();
         Scratch {
             row: vec![f32::NEG_INFINITY; op.padded_width(w)],
-            phases: vec![vec![f32::NEG_INFINITY; phase_len]; stride],
+            phases: vec![vec![f32::NEG_INFINITY; phase_len]; op.0.stride[1]],
         }
     }
 }
