@@ -110,12 +110,13 @@ pub(super) enum Step {
     Relu,
 }
 
-/// The per-channel values of a constant operand broadcast against `x` (`[N, C, ...]`): a
-/// scalar, or a shape of ones but for `C` on axis 1 (aligned from the right, numpy style).
-fn per_channel(konst: &Tensor, x: &TypedFact) -> Option<Vec<f32>> {
+/// The per-channel values of a constant operand broadcast against `x` (channels on `axis`,
+/// 1 for `[N, C, ...]`): a scalar, or a shape of ones but for `C` on `axis` (aligned from the
+/// right, numpy style).
+fn per_channel(konst: &Tensor, x: &TypedFact, axis: usize) -> Option<Vec<f32>> {
     let rank = x.rank();
-    let channels = x.shape.as_concrete()?.get(1).copied()?;
-    if konst.datum_type() != f32::datum_type() || konst.rank() > rank || rank < 2 {
+    let channels = x.shape.as_concrete()?.get(axis).copied()?;
+    if konst.datum_type() != f32::datum_type() || konst.rank() > rank || rank <= axis {
         return None;
     }
     let pad = rank - konst.rank();
@@ -123,7 +124,7 @@ fn per_channel(konst: &Tensor, x: &TypedFact) -> Option<Vec<f32>> {
     for (ix, &dim) in konst.shape().iter().enumerate() {
         match (ix + pad, dim) {
             (_, 1) => {}
-            (1, d) if d == channels => per_channel_axis = true,
+            (a, d) if a == axis && d == channels => per_channel_axis = true,
             _ => return None,
         }
     }
@@ -140,8 +141,9 @@ fn per_channel(konst: &Tensor, x: &TypedFact) -> Option<Vec<f32>> {
     })
 }
 
-/// The step node `node` applies to its non-constant input, and that input's slot.
-pub(super) fn step_of(model: &TypedModel, node: &TypedNode) -> Option<(Step, usize)> {
+/// The step node `node` applies to its non-constant input (channels on `axis`), and that
+/// input's slot.
+pub(super) fn step_of(model: &TypedModel, node: &TypedNode, axis: usize) -> Option<(Step, usize)> {
     let bin = node.op_as::<TypedBinOp>()?;
     if node.inputs.len() != 2 || bin.1.is_some_and(|dt| dt != f32::datum_type()) {
         return None;
@@ -162,7 +164,7 @@ pub(super) fn step_of(model: &TypedModel, node: &TypedNode) -> Option<(Step, usi
     if x.datum_type != f32::datum_type() || out.shape != x.shape || out.datum_type != x.datum_type {
         return None;
     }
-    let values = per_channel(facts[k_slot].konst.as_ref()?, x)?;
+    let values = per_channel(facts[k_slot].konst.as_ref()?, x, axis)?;
     let op = &bin.0;
     let step = if op.is::<Mul>() {
         Step::Mul(values)
@@ -197,11 +199,16 @@ pub(super) struct Chain {
 
 /// The steps that follow `outlet`, each the only reader of the one before and none of them a
 /// model output (an intermediate read elsewhere must stay); up to and including a ReLU when
-/// `with_relu`, else up to the ReLU.
-pub(super) fn steps_after(model: &TypedModel, mut outlet: OutletId, with_relu: bool) -> Chain {
+/// `with_relu`, else up to the ReLU; channels on `axis`.
+pub(super) fn steps_after(
+    model: &TypedModel,
+    mut outlet: OutletId,
+    with_relu: bool,
+    axis: usize,
+) -> Chain {
     let mut chain = Chain::default();
     while let Some(next) = sole_reader(model, outlet) {
-        let Some((step, slot)) = step_of(model, next) else {
+        let Some((step, slot)) = step_of(model, next, axis) else {
             break;
         };
         let relu = matches!(step, Step::Relu);
@@ -220,7 +227,7 @@ pub(super) fn steps_after(model: &TypedModel, mut outlet: OutletId, with_relu: b
 
 /// A maximal chain starting at `start`, and the slot of `start`'s non-constant input.
 fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<(Chain, usize)> {
-    let (first, x_slot) = step_of(model, start)?;
+    let (first, x_slot) = step_of(model, start, 1)?;
     if matches!(first, Step::Relu) {
         // A lone activation is tract's to fuse into its producer.
         return None;
@@ -229,7 +236,7 @@ fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<(Chain, usize)> {
     if fuses_epilogue(producer) && model.outlet_successors(start.inputs[x_slot]).len() == 1 {
         return None;
     }
-    let rest = steps_after(model, OutletId::new(start.id, 0), true);
+    let rest = steps_after(model, OutletId::new(start.id, 0), true, 1);
     let chain = Chain {
         nodes: [start.id].into_iter().chain(rest.nodes).collect(),
         steps: [first].into_iter().chain(rest.steps).collect(),
@@ -245,7 +252,11 @@ pub(super) fn compose(steps: &[Step]) -> ChannelAffine {
     for step in steps {
         let channels = match step {
             Step::Mul(v) | Step::Add(v) | Step::SubConst(v) | Step::ConstSub(v) => v.len(),
-            Step::Relu => scale.len(),
+            Step::Relu => {
+                // Set here: a chain that is only a ReLU has no channels to loop over.
+                relu = true;
+                continue;
+            }
         };
         if scale.is_empty() {
             scale = vec![1.0; channels];
@@ -263,7 +274,7 @@ pub(super) fn compose(steps: &[Step]) -> ChannelAffine {
                     scale[c] = -scale[c];
                     shift[c] = v[c] - shift[c];
                 }
-                Step::Relu => relu = true,
+                Step::Relu => {}
             }
         }
     }

@@ -41,53 +41,14 @@ impl Op for RowDepthwiseConv {
 }
 
 impl RowDepthwiseConv {
-    /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
-    /// with `cols` columns: `phase[a][b][i][j] = x[stride_y * i + a - pad_y][stride_x * j + b -
-    /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
-    fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
-        let [rows, cols] = self.geometry.phase_dims();
-        let [sy, sx] = self.geometry.stride;
-        let [py, px] = self.geometry.pad_before.map(|p| p as isize);
-        let size = (rows + 1) * cols;
-        for a in 0..sy {
-            for b in 0..sx {
-                let phase = &mut phases[(a * sx + b) * size..][..size];
-                for (i, row) in phase.chunks_exact_mut(cols).enumerate() {
-                    let y = (sy * i + a) as isize - py;
-                    if !(0..h as isize).contains(&y) {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let input = &x[y as usize * w..][..w];
-                    // Columns j whose input column sx * j + b - px lies in 0..w.
-                    let first = (px - b as isize).max(0) as usize;
-                    let lo = first.div_ceil(sx).min(cols);
-                    let hi = ((w as isize + px - b as isize).max(0) as usize)
-                        .div_ceil(sx)
-                        .clamp(lo, cols);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    let offset = (sx * lo + b) as isize - px;
-                    if sx == 1 {
-                        row[lo..hi].copy_from_slice(&input[offset as usize..][..hi - lo]);
-                    } else {
-                        for (k, v) in row[lo..hi].iter_mut().enumerate() {
-                            *v = input[offset as usize + sx * k];
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// One channel: every tap is one multiply-add over all output rows at once, computed
     /// `cols` wide (the columns past the output's width are dropped at the end).
     fn plane(&self, c: usize, phases: &[f32], wide: &mut [f32], y: &mut [f32]) {
         let [oh, ow] = self.geometry.output;
         let [kh, kw] = self.geometry.kernel;
         let [sy, sx] = self.geometry.stride;
-        let [rows, cols] = self.geometry.phase_dims();
-        let size = (rows + 1) * cols;
+        let [_, cols] = self.geometry.phase_dims();
+        let size = self.geometry.phase_len();
         let weights = &self.weights[c * kh * kw..][..kh * kw];
         wide.fill(self.bias[c]);
         for ky in 0..kh {
@@ -118,16 +79,16 @@ impl EvalOp for RowDepthwiseConv {
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
-            let [rows, cols] = self.geometry.phase_dims();
+            let [_, cols] = self.geometry.phase_dims();
             let [sy, sx] = self.geometry.stride;
-            let mut phases = vec![0f32; sy * sx * (rows + 1) * cols];
+            let mut phases = vec![0f32; sy * sx * self.geometry.phase_len()];
             let mut wide = vec![0f32; oh * cols];
             for (ix, (x, y)) in x
                 .chunks_exact(h * w)
                 .zip(y.chunks_exact_mut(oh * ow))
                 .enumerate()
             {
-                self.split(x, [h, w], &mut phases);
+                self.geometry.split(x, [h, w], &mut phases);
                 self.plane(ix % channels, &phases, &mut wide, y);
             }
         }

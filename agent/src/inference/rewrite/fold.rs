@@ -47,7 +47,7 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         // The multiplies and adds after it; a ReLU stays (it follows the folded convolution).
-        let chain = steps_after(model, OutletId::new(node.id, 0), false);
+        let chain = steps_after(model, OutletId::new(node.id, 0), false, 1);
         if chain.nodes.is_empty() {
             continue;
         }

@@ -17,19 +17,22 @@ pub struct Window2d {
 }
 
 impl Window2d {
-    /// The geometry of `spec` on an NCHW `input` of concrete shape, when it is 2-D without
-    /// dilation and gives the `[N, C, H, W]` output tract computed for the node (`produced`).
+    /// The geometry of `spec` on an input of concrete shape, NCHW or (batch axis removed, as
+    /// tract's declutter does for batch 1) CHW, when it is 2-D without dilation and gives the
+    /// output tract computed for the node (`produced`, channels as the input's).
     pub fn of(spec: &PoolSpec, input: &[usize], produced: &TypedFact) -> Option<Window2d> {
-        if spec.data_format != DataFormat::NCHW
-            || input.len() != 4
-            || spec.kernel_shape.len() != 2
+        if !matches!(
+            (spec.data_format, input.len()),
+            (DataFormat::NCHW, 4) | (DataFormat::CHW, 3)
+        ) || spec.kernel_shape.len() != 2
             || spec.kernel_shape.contains(&0)
             || spec.strides().contains(&0)
             || spec.dilations().iter().any(|d| *d != 1)
         {
             return None;
         }
-        let padding = spec.computed_padding(&input[2..]);
+        let spatial = &input[input.len() - 2..];
+        let padding = spec.computed_padding(spatial);
         let strides = spec.strides();
         let window = Window2d {
             kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
@@ -37,7 +40,8 @@ impl Window2d {
             pad_before: [padding[0].pad_before, padding[1].pad_before],
             output: [padding[0].convoluted, padding[1].convoluted],
         };
-        let expected = [input[0], input[1], window.output[0], window.output[1]];
+        let mut expected = input.to_vec();
+        expected[input.len() - 2..].copy_from_slice(&window.output);
         (produced.shape.as_concrete() == Some(&expected[..])).then_some(window)
     }
 
@@ -56,16 +60,59 @@ impl Window2d {
         [0, 1].map(|axis| self.output[axis] + (self.kernel[axis] - 1) / self.stride[axis] + 1)
     }
 
-    /// `[N, C, output height, output width]` of `input`'s type.
+    /// Elements of one phase plane: its rows plus a spare one, so that a tap's run over all
+    /// output rows may read past the last column.
+    pub fn phase_len(&self) -> usize {
+        let [rows, cols] = self.phase_dims();
+        (rows + 1) * cols
+    }
+
+    /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
+    /// with `cols` columns: `phase[a][b][i][j] = x[stride_y * i + a - pad_y][stride_x * j + b -
+    /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
+    pub fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
+        let [_, cols] = self.phase_dims();
+        let [sy, sx] = self.stride;
+        let [py, px] = self.pad_before.map(|p| p as isize);
+        let size = self.phase_len();
+        for a in 0..sy {
+            for b in 0..sx {
+                let phase = &mut phases[(a * sx + b) * size..][..size];
+                for (i, row) in phase.chunks_exact_mut(cols).enumerate() {
+                    let y = (sy * i + a) as isize - py;
+                    if !(0..h as isize).contains(&y) {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let input = &x[y as usize * w..][..w];
+                    // Columns j whose input column sx * j + b - px lies in 0..w.
+                    let first = (px - b as isize).max(0) as usize;
+                    let lo = first.div_ceil(sx).min(cols);
+                    let hi = ((w as isize + px - b as isize).max(0) as usize)
+                        .div_ceil(sx)
+                        .clamp(lo, cols);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    let offset = (sx * lo + b) as isize - px;
+                    if sx == 1 {
+                        row[lo..hi].copy_from_slice(&input[offset as usize..][..hi - lo]);
+                    } else {
+                        for (k, v) in row[lo..hi].iter_mut().enumerate() {
+                            *v = input[offset as usize + sx * k];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `input`'s type with the output's height and width.
     pub fn output_fact(&self, input: &TypedFact) -> TypedFact {
-        let shape = &input.shape;
-        let out: TVec<TDim> = tvec![
-            shape[0].clone(),
-            shape[1].clone(),
-            self.output[0].into(),
-            self.output[1].into(),
-        ];
-        input.datum_type.fact(out)
+        let mut shape = input.shape.clone();
+        let rank = shape.len();
+        shape.set(rank - 2, self.output[0].into());
+        shape.set(rank - 1, self.output[1].into());
+        input.datum_type.fact(shape)
     }
 
     pub fn info(&self) -> String {

@@ -6,8 +6,11 @@
 //! compare and report a bug.
 
 mod affine;
+mod conv;
 mod depthwise;
 mod fold;
+#[allow(unsafe_code)]
+mod gemm;
 mod geometry;
 #[allow(unsafe_code)]
 mod kernels;
@@ -15,6 +18,7 @@ mod lrn;
 mod pool;
 
 pub use affine::ChannelAffine;
+pub use conv::GemmConv;
 pub use depthwise::RowDepthwiseConv;
 pub use lrn::PlaneLrn;
 pub use pool::RowMaxPool;
@@ -31,6 +35,10 @@ pub const TOLERANCE: f32 = 1e-5;
 pub struct Applied {
     /// Per-channel multiply / add chains folded into a grouped convolution's kernel and bias.
     pub folded_into_convs: usize,
+    /// Convolutions (and the multiply / add / ReLU chain after each) replaced by `GemmConv`,
+    /// our AVX-512 matrix multiply; 0 on CPUs without AVX-512.
+    #[serde(default)]
+    pub gemm_convs: usize,
     /// Chains of per-channel multiply / add / ReLU merged into one `ChannelAffine` pass each.
     pub affine_chains: usize,
     /// `Lrn` nodes replaced by `PlaneLrn`.
@@ -48,6 +56,7 @@ impl Applied {
 
     pub fn total(&self) -> usize {
         self.folded_into_convs
+            + self.gemm_convs
             + self.affine_chains
             + self.lrn
             + self.max_pools
@@ -62,6 +71,9 @@ impl Applied {
                 "{} folded into convolutions",
                 self.folded_into_convs
             ));
+        }
+        if self.gemm_convs > 0 {
+            parts.push(format!("{} GEMM convolutions", self.gemm_convs));
         }
         if self.affine_chains > 0 {
             parts.push(format!("{} affine chains", self.affine_chains));
@@ -129,6 +141,8 @@ fn conv_constants(
 pub fn optimise(model: &mut TypedModel) -> TractResult<Applied> {
     let applied = Applied {
         folded_into_convs: fold::into_grouped_convs(model)?,
+        // Before the affine merge: the chain after a convolution goes into its kernel.
+        gemm_convs: conv::translate(model)?,
         affine_chains: affine::merge_chains(model)?,
         lrn: lrn::translate(model)?,
         max_pools: pool::translate(model)?,

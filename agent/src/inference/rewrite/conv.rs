@@ -1,0 +1,429 @@
+//! Convolutions as our own blocked matrix multiply (`gemm.rs`), on CPUs with AVX-512.
+//!
+//! tract runs a convolution as im2col then its matmul; on the model-zoo CNNs that matmul is
+//! 83-93% of the time (PERFORMANCE.md, bench/RESULTS.md). Here a convolution is one matrix
+//! multiply per group whose `B` operand is read straight from the input: a 1x1 convolution
+//! with stride 1 reads the input channels as they are; any other is first split into
+//! zero-padded stride phases (`Window2d::split`, as for depthwise convolutions), after which
+//! every kernel tap `(c, ky, kx)` is one contiguous run of a phase plane over all output rows,
+//! computed a few columns wide and trimmed. The per-channel multiply / add chain and the ReLU
+//! that follow the convolution are folded into its kernel, bias and the kernel's epilogue.
+
+use std::cell::RefCell;
+
+use tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+use super::affine::{compose, steps_after};
+use super::conv_constants;
+use super::gemm::{self, PackedA, RowsB, MR};
+use super::geometry::Window2d;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmConv {
+    pub geometry: Window2d,
+    pub input_channels: usize,
+    /// One per group: `output_channels / groups` rows, `(input_channels / groups) * kh * kw`
+    /// columns.
+    pub groups: Vec<PackedA>,
+    pub relu: bool,
+    /// `[N, C, H, W]` or `[C, H, W]`: tract may add or drop a batch axis of 1 here.
+    pub output_shape: Vec<usize>,
+}
+
+impl Eq for GemmConv {}
+
+thread_local! {
+    /// Packed `B` blocks, and the phase planes and wide output of the thread that evaluates:
+    /// kept between calls (a fresh buffer per call would cost a page-faulting allocation).
+    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Op for GemmConv {
+    fn name(&self) -> StaticName {
+        "GemmConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} -> {} channels, {} group(s), {}{}",
+            self.input_channels,
+            self.output_channels(),
+            self.groups.len(),
+            self.geometry.info(),
+            if self.relu { ", relu" } else { "" }
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl GemmConv {
+    fn output_channels(&self) -> usize {
+        self.groups.iter().map(|g| g.m).sum()
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding reads its input as it is.
+    fn direct(&self) -> bool {
+        self.geometry.kernel == [1, 1]
+            && self.geometry.stride == [1, 1]
+            && self.geometry.pad_before == [0, 0]
+    }
+
+    /// Where row `(c, ky, kx)` of group `g`'s `B` starts in the phase planes.
+    fn phase_offsets(&self, g: usize) -> Vec<usize> {
+        let [kh, kw] = self.geometry.kernel;
+        let [sy, sx] = self.geometry.stride;
+        let [_, cols] = self.geometry.phase_dims();
+        let size = self.geometry.phase_len();
+        let per_group = self.input_channels / self.groups.len();
+        let mut offsets = Vec::with_capacity(per_group * kh * kw);
+        for c in g * per_group..(g + 1) * per_group {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let phase = (c * sy + ky % sy) * sx + kx % sx;
+                    offsets.push(phase * size + (ky / sy) * cols + kx / sx);
+                }
+            }
+        }
+        offsets
+    }
+
+    /// `c = relu?(a b + bias)`, its rows split over the executor's threads when it has several
+    /// and there are enough rows.
+    fn multiply(&self, a: &PackedA, b: &RowsB, c: &mut [f32], ldc: usize) {
+        let run = |rows: std::ops::Range<usize>, c: &mut [f32]| {
+            PACK.with_borrow_mut(|pack| gemm::run(a, b, rows, c, ldc, self.relu, pack))
+        };
+        let pool = match current_tract_executor() {
+            Executor::MultiThread(pool) if pool.current_num_threads() > 1 => pool,
+            _ => return run(0..a.m, c),
+        };
+        let panels = a.m.div_ceil(MR);
+        let chunks = pool.current_num_threads().min(panels);
+        if chunks <= 1 {
+            return run(0..a.m, c);
+        }
+        let per_chunk = panels.div_ceil(chunks) * MR;
+        pool.install(|| {
+            rayon::scope(|scope| {
+                for (ix, c) in c[..a.m * ldc].chunks_mut(per_chunk * ldc).enumerate() {
+                    let start = ix * per_chunk;
+                    let rows = start..(start + per_chunk).min(a.m);
+                    let run = &run;
+                    scope.spawn(move |_| run(rows, c));
+                }
+            })
+        });
+    }
+}
+
+impl EvalOp for GemmConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape = input.shape();
+        let rank = shape.len();
+        ensure!((rank == 3 || rank == 4) && shape[rank - 3] == self.input_channels);
+        let (n, h, w) = (
+            shape[..rank - 3].iter().product::<usize>(),
+            shape[rank - 2],
+            shape[rank - 1],
+        );
+        let [oh, ow] = self.geometry.output;
+        let cout = self.output_channels();
+        let x = input.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        ensure!(
+            self.output_shape.iter().product::<usize>() == n * cout * oh * ow,
+            "GemmConv: input {shape:?} does not give output {:?}",
+            self.output_shape
+        );
+        let mut output = super::kernels::output_f32(&self.output_shape)?;
+        let mut out = output.try_as_plain_ram_mut()?;
+        let y = out.as_slice_mut::<f32>()?;
+        if n * cout * oh * ow == 0 {
+            drop(out);
+            return Ok(tvec!(output.into_tvalue()));
+        }
+        let plane = h * w;
+        let cin = self.input_channels;
+        if self.direct() {
+            for (x, y) in x
+                .chunks_exact(cin * plane)
+                .zip(y.chunks_exact_mut(cout * plane))
+            {
+                let mut y = &mut y[..];
+                for (g, a) in self.groups.iter().enumerate() {
+                    let offsets: Vec<usize> = (0..a.k).map(|c| (g * a.k + c) * plane).collect();
+                    let b = RowsB {
+                        base: x,
+                        offsets: &offsets,
+                        n: plane,
+                    };
+                    let (c, rest) = y.split_at_mut(a.m * plane);
+                    self.multiply(a, &b, c, plane);
+                    y = rest;
+                }
+            }
+            drop(out);
+            return Ok(tvec!(output.into_tvalue()));
+        }
+        let [sy, sx] = self.geometry.stride;
+        let [_, cols] = self.geometry.phase_dims();
+        let phases_len = cin * sy * sx * self.geometry.phase_len();
+        let wide_n = oh * cols;
+        let most_rows = self.groups.iter().map(|g| g.m).max().unwrap_or(0);
+        let offsets: Vec<Vec<usize>> = (0..self.groups.len())
+            .map(|g| self.phase_offsets(g))
+            .collect();
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.resize(phases_len + most_rows * wide_n, 0.0);
+            let (phases, wide) = scratch.split_at_mut(phases_len);
+            for (x, y) in x
+                .chunks_exact(cin * plane)
+                .zip(y.chunks_exact_mut(cout * oh * ow))
+            {
+                for (x, phases) in x
+                    .chunks_exact(plane)
+                    .zip(phases.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
+                {
+                    self.geometry.split(x, [h, w], phases);
+                }
+                let mut y = &mut y[..];
+                for (a, offsets) in self.groups.iter().zip(&offsets) {
+                    let b = RowsB {
+                        base: phases,
+                        offsets,
+                        n: wide_n,
+                    };
+                    self.multiply(a, &b, &mut wide[..a.m * wide_n], wide_n);
+                    let (c, rest) = y.split_at_mut(a.m * oh * ow);
+                    for (out, wide) in c.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
+                        out.copy_from_slice(&wide[..ow]);
+                    }
+                    y = rest;
+                }
+            }
+        });
+        drop(out);
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for GemmConv {
+    as_op!();
+
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&self.output_shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let [oh, ow] = self.geometry.output;
+        let per_image: usize = self.groups.iter().map(|g| g.m * g.k).sum::<usize>() * oh * ow;
+        let shape = &inputs[0].shape;
+        let images: TDim = shape.iter().take(shape.len().saturating_sub(3)).product();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), images * per_image)))
+    }
+}
+
+/// What a convolution node computes, read off a `Conv` or a 1x1 convolution's `EinSum`.
+struct Found {
+    geometry: Window2d,
+    input_channels: usize,
+    groups: usize,
+    /// `[output channels, input channels / groups, kh, kw]`, row-major.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    output_shape: Vec<usize>,
+}
+
+fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found> {
+    let spec = &conv.pool_spec;
+    let fact = model.outlet_fact(node.inputs[0]).ok()?;
+    let shape = fact.shape.as_concrete()?;
+    let cout = conv.output_channels();
+    // NCHW, or CHW (Window2d::of checks which).
+    let rank = shape.len();
+    let cin = *shape.get(rank.checked_sub(3)?)?;
+    if conv.q_params.is_some()
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || fact.datum_type != f32::datum_type()
+        || node.outputs[0].fact.datum_type != f32::datum_type()
+        || spec.input_channels != cin
+        || conv.group == 0
+        || cin % conv.group != 0
+        || cout % conv.group != 0
+        // Depthwise: `RowDepthwiseConv`'s (a one-row matrix multiply per channel).
+        || conv.group == cin
+    {
+        return None;
+    }
+    let mut produced = node.outputs[0].fact.clone();
+    produced.shape.set(rank - 3, cin.into());
+    let geometry = Window2d::of(spec, shape, &produced)?;
+    let (kernel, bias) = conv_constants(model, node, cout)?;
+    let [kh, kw] = geometry.kernel;
+    if kernel.shape() != [cout, cin / conv.group, kh, kw] {
+        return None;
+    }
+    let mut output_shape = shape.to_vec();
+    output_shape[rank - 3..].copy_from_slice(&[cout, geometry.output[0], geometry.output[1]]);
+    Some(Found {
+        geometry,
+        input_channels: cin,
+        groups: conv.group,
+        weights: kernel
+            .try_as_plain_ram()
+            .ok()?
+            .as_slice::<f32>()
+            .ok()?
+            .to_vec(),
+        bias,
+        output_shape,
+    })
+}
+
+/// tract declutters a 1x1 convolution with stride 1 into an `EinSum` such as
+/// `NIHW,OI->OHW`: the input `[N?, I, H, W]` (`N` of size 1 or absent), a constant `[O, I]`
+/// kernel, the output `[N?, O, H, W]`.
+fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Found> {
+    let formula = format!("{}", einsum.axes);
+    let (inputs, output) = formula.split_once("->")?;
+    let (x_axes, k_axes) = inputs.split_once(',')?;
+    let (x_axes, k_axes, output): (Vec<char>, Vec<char>, Vec<char>) = (
+        x_axes.chars().collect(),
+        k_axes.chars().collect(),
+        output.chars().collect(),
+    );
+    let x = model.outlet_fact(node.inputs[0]).ok()?;
+    let k = model.outlet_fact(node.inputs[1]).ok()?;
+    let shape = x.shape.as_concrete()?;
+    let output_shape = node.outputs[0].fact.shape.as_concrete()?.to_vec();
+    let kernel = k.konst.as_ref()?;
+    if node.inputs.len() != 2
+        || einsum.q_params.is_some()
+        || x.datum_type != f32::datum_type()
+        || kernel.datum_type() != f32::datum_type()
+        || node.outputs[0].fact.datum_type != f32::datum_type()
+        || k_axes.len() != 2
+        || x_axes.len() != shape.len()
+        || !(3..=4).contains(&x_axes.len())
+        || !(3..=4).contains(&output.len())
+    {
+        return None;
+    }
+    let [o, i] = [k_axes[0], k_axes[1]];
+    let x_tail = &x_axes[x_axes.len() - 3..];
+    let out_tail = &output[output.len() - 3..];
+    let (h, w) = (x_tail[1], x_tail[2]);
+    let extra = |axes: &[char], dims: &[usize]| axes.len() == 3 || dims[0] == 1;
+    if x_tail[0] != i
+        || out_tail != [o, h, w]
+        || [o, i, h, w]
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            != 4
+        || !extra(&x_axes, shape)
+        || !extra(&output, &output_shape)
+        || (x_axes.len() == 4 && output.len() == 4 && x_axes[0] != output[0])
+    {
+        return None;
+    }
+    let [cout, cin] = [kernel.shape()[0], kernel.shape()[1]];
+    let [height, width] = [shape[shape.len() - 2], shape[shape.len() - 1]];
+    if shape[shape.len() - 3] != cin || output_shape[output.len() - 3..] != [cout, height, width] {
+        return None;
+    }
+    Some(Found {
+        geometry: Window2d {
+            kernel: [1, 1],
+            stride: [1, 1],
+            pad_before: [0, 0],
+            output: [height, width],
+        },
+        input_channels: cin,
+        groups: 1,
+        weights: kernel
+            .try_as_plain_ram()
+            .ok()?
+            .as_slice::<f32>()
+            .ok()?
+            .to_vec(),
+        bias: vec![0.0; cout],
+        output_shape,
+    })
+}
+
+/// Replaces every f32 convolution that is not depthwise (NCHW or CHW, no dilation, constant
+/// kernel, concrete shapes; tract's `Conv`, or the `EinSum` a 1x1 one becomes) and the
+/// multiply / add / ReLU chain after it with a `GemmConv`, on CPUs that have the
+/// micro-kernel; returns how many.
+pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let found = if let Some(conv) = node.op_as::<Conv>() {
+            found_conv(model, node, conv)
+        } else if let Some(einsum) = node.op_as::<EinSum>() {
+            found_einsum(model, node, einsum)
+        } else {
+            None
+        };
+        let Some(Found {
+            geometry,
+            input_channels,
+            groups,
+            mut weights,
+            mut bias,
+            output_shape,
+        }) = found
+        else {
+            continue;
+        };
+        let cout = bias.len();
+        let channel_axis = output_shape.len() - 3;
+        let chain = steps_after(model, OutletId::new(id, 0), true, channel_axis);
+        let affine = compose(&chain.steps);
+        let (nodes, relu) = if affine.scale.is_empty() || affine.scale.len() == cout {
+            (chain.nodes, affine.relu)
+        } else {
+            (vec![], false)
+        };
+        let [kh, kw] = geometry.kernel;
+        let k = input_channels / groups * kh * kw;
+        if !affine.scale.is_empty() && !nodes.is_empty() {
+            for (o, row) in weights.chunks_exact_mut(k).enumerate() {
+                row.iter_mut().for_each(|v| *v *= affine.scale[o]);
+                bias[o] = bias[o] * affine.scale[o] + affine.shift[o];
+            }
+        }
+        let m = cout / groups;
+        let op = GemmConv {
+            geometry,
+            input_channels,
+            groups: (0..groups)
+                .map(|g| PackedA::new(&weights[g * m * k..][..m * k], m, k, &bias[g * m..][..m]))
+                .collect(),
+            relu,
+            output_shape,
+        };
+        let last = nodes.last().copied().unwrap_or(id);
+        let mut patch = TypedModelPatch::new(format!("gemm conv {}", node.name));
+        let input = patch.tap_model(model, node.inputs[0])?;
+        let out = patch.wire_node(format!("{}.gemm", node.name), op, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}

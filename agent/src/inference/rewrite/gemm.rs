@@ -1,0 +1,344 @@
+//! A blocked f32 matrix multiply for convolutions, `C = relu?(A B + bias)`, with an AVX-512
+//! micro-kernel: `A` is a convolution's kernel (packed once, when the model is prepared), `B`
+//! is read as rows of the (phase-split) input at given offsets, so a convolution needs no
+//! im2col buffer, and `C` is written in place of the output.
+//!
+//! The blocking is the usual one (Goto / BLIS): a `KC x NC` block of `B` is packed into
+//! `NR`-column strips that stay in L2, one strip (`KC x NR`, 24 KiB) stays in L1 while every
+//! `MR`-row panel of `A` in an `MC`-row block passes over it, and each micro-tile keeps its
+//! `MR x NR` sums in 24 zmm registers across the whole `KC` run.
+
+use std::ops::Range;
+
+/// Rows of a micro-tile (output channels).
+pub const MR: usize = 8;
+/// Lanes of one zmm register.
+const LANES: usize = 16;
+/// Columns of a micro-tile (output positions): three registers per row.
+pub const NR: usize = 3 * LANES;
+const KC: usize = 128;
+const MC: usize = 128;
+const NC: usize = 20 * NR;
+
+/// Whether this CPU runs the micro-kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `A` (`m x k`, row-major on input) packed in `MR`-row panels, `panel[p][k][r]`, zero rows
+/// past `m`, and the bias padded the same way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedA {
+    pub m: usize,
+    pub k: usize,
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl PackedA {
+    pub fn new(a: &[f32], m: usize, k: usize, bias: &[f32]) -> PackedA {
+        assert_eq!(a.len(), m * k);
+        assert_eq!(bias.len(), m);
+        let count = m.div_ceil(MR);
+        let mut panels = vec![0f32; count * k * MR];
+        for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
+            let panel = &mut panels[(row / MR) * k * MR..][..k * MR];
+            for (kk, v) in values.iter().enumerate() {
+                panel[kk * MR + row % MR] = *v;
+            }
+        }
+        let mut padded = bias.to_vec();
+        padded.resize(count * MR, 0.0);
+        PackedA {
+            m,
+            k,
+            panels,
+            bias: padded,
+        }
+    }
+
+    fn panel(&self, p: usize, ks: Range<usize>) -> &[f32] {
+        &self.panels[(p * self.k + ks.start) * MR..(p * self.k + ks.end) * MR]
+    }
+}
+
+/// `B` (`k x n`): row `kk` is `base[offsets[kk]..][..n]`.
+pub struct RowsB<'a> {
+    pub base: &'a [f32],
+    pub offsets: &'a [usize],
+    pub n: usize,
+}
+
+/// `C` rows `rows` (a multiple of `MR` apart from the last) into `c` (`rows.len() x ldc`,
+/// row-major, columns `0..b.n` written): the work of one thread.
+pub fn run(
+    a: &PackedA,
+    b: &RowsB,
+    rows: Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    relu: bool,
+    pack: &mut Vec<f32>,
+) {
+    assert!(available(), "the GEMM micro-kernel needs AVX-512");
+    assert_eq!(b.offsets.len(), a.k);
+    assert!(rows.start % MR == 0 && rows.end <= a.m && b.n <= ldc);
+    assert!(c.len() >= (rows.len().max(1) - 1) * ldc + b.n);
+    assert!(b.offsets.iter().all(|o| o + b.n <= b.base.len()));
+    if rows.is_empty() || b.n == 0 {
+        return;
+    }
+    pack.resize(KC.min(a.k.max(1)) * NC, 0.0);
+    for j0 in (0..b.n).step_by(NC) {
+        let nc = NC.min(b.n - j0);
+        for k0 in (0..a.k.max(1)).step_by(KC) {
+            let ks = k0..(k0 + KC).min(a.k);
+            pack_b(b, ks.clone(), j0..j0 + nc, pack);
+            let first = k0 == 0;
+            let last = ks.end >= a.k;
+            for i0 in rows.clone().step_by(MC) {
+                let i1 = (i0 + MC).min(rows.end);
+                for (s, j) in (0..nc).step_by(NR).enumerate() {
+                    let cols = NR.min(nc - j);
+                    let strip =
+                        &pack[s * ks.len() * NR..][..ks.len() * cols.div_ceil(LANES) * LANES];
+                    for p in i0 / MR..i1.div_ceil(MR) {
+                        let r0 = p * MR;
+                        let tile_rows = MR.min(rows.end - r0);
+                        let at = (r0 - rows.start) * ldc + j0 + j;
+                        let tile = Tile {
+                            a: a.panel(p, ks.clone()),
+                            b: strip,
+                            kc: ks.len(),
+                            rows: tile_rows,
+                            cols,
+                            bias: first.then(|| &a.bias[r0..r0 + MR]),
+                            relu: last && relu,
+                        };
+                        let end = at + (tile_rows - 1) * ldc + cols;
+                        tile.run(&mut c[at..end], ldc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `b[ks, js]` as strips of `NR` columns (the last one as wide as it needs in whole
+/// registers, zero-padded): `strip[s][kk][j]`.
+fn pack_b(b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &mut [f32]) {
+    let kc = ks.len();
+    for (s, j) in js.clone().step_by(NR).enumerate() {
+        let cols = NR.min(js.end - j);
+        let width = cols.div_ceil(LANES) * LANES;
+        let strip = &mut pack[s * kc * NR..][..kc * width];
+        for (dst, &offset) in strip.chunks_exact_mut(width).zip(&b.offsets[ks.clone()]) {
+            dst[..cols].copy_from_slice(&b.base[offset + j..][..cols]);
+            dst[cols..].fill(0.0);
+        }
+    }
+}
+
+/// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and a strip of `B` whose
+/// rows are `cols` rounded up to whole registers wide.
+struct Tile<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    kc: usize,
+    rows: usize,
+    cols: usize,
+    /// Start from the bias (the first `KC` block), else from what `c` holds.
+    bias: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl Tile<'_> {
+    /// `c[r * ldc + j]` for `r < rows`, `j < cols`: the slice starts at the tile's corner.
+    fn run(&self, c: &mut [f32], ldc: usize) {
+        let vectors = self.cols.div_ceil(LANES);
+        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= NR);
+        assert_eq!(self.a.len(), self.kc * MR);
+        assert_eq!(self.b.len(), self.kc * vectors * LANES);
+        assert!(self.bias.is_none_or(|b| b.len() == MR));
+        assert!(c.len() > (self.rows - 1) * ldc + self.cols - 1);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `run` checked that the CPU has AVX-512F; the assertions above bound every
+        // access the kernel makes (`a`, `b` and `bias` in full, `c` on `rows x cols` through
+        // masked loads and stores).
+        unsafe {
+            match vectors {
+                1 => avx512::tile::<1>(self, c.as_mut_ptr(), ldc),
+                2 => avx512::tile::<2>(self, c.as_mut_ptr(), ldc),
+                _ => avx512::tile::<3>(self, c.as_mut_ptr(), ldc),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (c, ldc, vectors);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, LANES, MR};
+
+    /// The `MR x (V * 16)` micro-kernel. Loops have constant trip counts so that the sums stay
+    /// in registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const V: usize>(t: &Tile, c: *mut f32, ldc: usize) {
+        let mut masks = [0u16; V];
+        for (v, mask) in masks.iter_mut().enumerate() {
+            let left = t.cols.saturating_sub(v * LANES).min(LANES);
+            *mask = ((1u32 << left) - 1) as u16;
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        match t.bias {
+            Some(bias) => {
+                for r in 0..MR {
+                    let b = _mm512_set1_ps(bias[r]);
+                    for v in 0..V {
+                        acc[r][v] = b;
+                    }
+                }
+            }
+            None => {
+                for r in 0..MR {
+                    if r < t.rows {
+                        for v in 0..V {
+                            let at = c.wrapping_add(r * ldc + v * LANES);
+                            acc[r][v] = _mm512_maskz_loadu_ps(masks[v], at);
+                        }
+                    }
+                }
+            }
+        }
+        let mut a = t.a.as_ptr();
+        let mut b = t.b.as_ptr();
+        for _ in 0..t.kc {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                bv[v] = _mm512_loadu_ps(b.add(v * LANES));
+            }
+            for r in 0..MR {
+                let ar = _mm512_set1_ps(*a.add(r));
+                for v in 0..V {
+                    acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
+                }
+            }
+            a = a.add(MR);
+            b = b.add(V * LANES);
+        }
+        if t.relu {
+            let zero = _mm512_setzero_ps();
+            for row in acc.iter_mut() {
+                for x in row.iter_mut() {
+                    *x = _mm512_max_ps(*x, zero);
+                }
+            }
+        }
+        for r in 0..MR {
+            if r < t.rows {
+                for v in 0..V {
+                    let at = c.wrapping_add(r * ldc + v * LANES);
+                    _mm512_mask_storeu_ps(at, masks[v], acc[r][v]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain triple loop, in f64.
+    fn reference(a: &[f32], b: &[f32], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let sum: f64 = (0..k)
+                    .map(|kk| a[i * k + kk] as f64 * b[kk * n + j] as f64)
+                    .sum();
+                c[i * n + j] = (sum + bias[i] as f64) as f32;
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 201) as f32 / 100.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_plain_matrix_multiply_on_ragged_shapes() {
+        if !available() {
+            return;
+        }
+        // Rows not a multiple of MR, columns of every tail width, K across several KC blocks,
+        // N across several NC blocks.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (8, 3, 16),
+            (13, 27, 49),
+            (16, 129, 63),
+            (30, 300, 17),
+            (64, 257, NC + NR + 5),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let bias = values(m, 3);
+            let packed = PackedA::new(&a, m, k, &bias);
+            // B with a row pitch wider than n, read at offsets.
+            let pitch = n + 3;
+            let mut base = vec![f32::NAN; k * pitch + 1];
+            let offsets: Vec<usize> = (0..k).map(|kk| kk * pitch + 1).collect();
+            for kk in 0..k {
+                base[offsets[kk]..][..n].copy_from_slice(&b[kk * n..][..n]);
+            }
+            let rows_b = RowsB {
+                base: &base,
+                offsets: &offsets,
+                n,
+            };
+            let expected = reference(&a, &b, &bias, m, k, n);
+            for relu in [false, true] {
+                // Two halves at a panel boundary, as two threads would compute them; the
+                // padding column of each row must stay untouched.
+                let ldc = n + 1;
+                let mut c = vec![7f32; m * ldc];
+                let split = (m / 2).next_multiple_of(MR).min(m);
+                let mut pack = Vec::new();
+                let (top, bottom) = c.split_at_mut(split * ldc);
+                run(&packed, &rows_b, 0..split, top, ldc, relu, &mut pack);
+                run(&packed, &rows_b, split..m, bottom, ldc, relu, &mut pack);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = if relu {
+                            expected[i * n + j].max(0.0)
+                        } else {
+                            expected[i * n + j]
+                        };
+                        let got = c[i * ldc + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{m}x{k}x{n} relu {relu}: c[{i}][{j}] = {got}, want {want}"
+                        );
+                    }
+                    assert_eq!(c[i * ldc + n], 7.0, "{m}x{k}x{n}: column past n written");
+                }
+            }
+        }
+    }
+}
