@@ -212,6 +212,26 @@ def make_rewrite_graphs():
           pads=[0, 1, 1, 0]),
     ], [vi("x", [2, 5, 8, 9])], [vi("y1", [2, 5, 7, 9]), vi("y2", [2, 5, 4, 3])],
         [const("w1", [5, 1, 5, 3]), const("w2", [5, 1, 3, 3]), const("b2", [5])]))
+    # Convolutions for our matrix multiply: a 3x3 one with strides 2x3, asymmetric padding and a
+    # ReLU on 13 channels; a 1x1 one (an EinSum once decluttered) to 70 channels (not a multiple
+    # of the kernel's 8 rows) with a scale and bias; a 5x5 one (525-long dot products, several
+    # blocks) whose output is a graph output and also feeds a ReLU, so nothing is folded into
+    # it. A batch of 2.
+    files.append(save("gemm_conv", [
+        n("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], strides=[2, 3],
+          pads=[1, 0, 2, 1]),
+        n("Relu", ["c1"], ["r1"]),
+        n("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[1, 1]),
+        n("Mul", ["c2", "s2"], ["t2"]), n("Add", ["t2", "a2"], ["y2"]),
+        n("Conv", ["r1", "w3"], ["y3"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
+        n("Relu", ["y3"], ["y4"]),
+    ], [vi("x", [2, 13, 17, 19])], [
+        vi("y2", [2, 70, 9, 6]), vi("y3", [2, 9, 9, 6]), vi("y4", [2, 9, 9, 6]),
+    ], [
+        const("w1", [21, 13, 3, 3]), const("b1", [21]), const("w2", [70, 21, 1, 1]),
+        const("b2", [70]), const("s2", [1, 70, 1, 1]), const("a2", [70, 1, 1]),
+        const("w3", [9, 21, 5, 5]),
+    ]))
     # GoogLeNet's LRN and one with another size, exponent and bias, on 7 channels.
     files.append(save("lrn", [
         n("LRN", ["x"], ["l1"], size=5, alpha=1e-4, beta=0.75, bias=1.0),

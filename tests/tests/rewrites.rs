@@ -122,10 +122,39 @@ fn batch_norms_fold_into_grouped_and_depthwise_convolutions() {
         applied,
         Applied {
             folded_into_convs: 2,
+            // The grouped 1x1 convolution, its ReLU in the kernel's epilogue.
+            gemm_convs: gemm_convs(1),
             depthwise_convs: 1,
             ..Applied::default()
         }
     );
+}
+
+/// What `GemmConv` replaces: `count` convolutions where the CPU runs our kernel, else none.
+fn gemm_convs(count: usize) -> usize {
+    if rewrite::gemm_kernel_available() {
+        count
+    } else {
+        0
+    }
+}
+
+#[test]
+fn convolutions_as_our_matrix_multiply_match_tract() {
+    // 3x3 with strides 2x3 and asymmetric padding + ReLU; 1x1 (tract's EinSum) to 70 channels
+    // + scale and bias; 5x5 over 21 channels whose output is also a graph output (its ReLU,
+    // the other output, must stay a separate node). A batch of 2.
+    let rel = "testdata/rewrites/gemm_conv.onnx";
+    let applied = rewritten_outputs_match(rel);
+    assert_eq!(
+        applied,
+        Applied {
+            gemm_convs: gemm_convs(3),
+            ..Applied::default()
+        }
+    );
+    let outputs = prepare(rel, true).output_facts().unwrap();
+    assert_eq!(outputs.len(), 3);
 }
 
 #[test]
@@ -172,6 +201,9 @@ fn every_bundled_model_matches_tract_with_rewrites() {
     assert_eq!(rewritten_outputs_match("digits"), Applied::default());
     let squeezenet = rewritten_outputs_match("squeezenet/model.onnx");
     assert_eq!(squeezenet.max_pools, 3, "{squeezenet:?}");
+    // All its convolutions: 26 in the ONNX graph, 32 once tract has split the six 1x1
+    // convolutions over a concatenation into one per concatenated input.
+    assert_eq!(squeezenet.gemm_convs, gemm_convs(32), "{squeezenet:?}");
 }
 
 #[test]

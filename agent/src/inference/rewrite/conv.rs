@@ -183,7 +183,12 @@ impl EvalOp for GemmConv {
             .map(|g| self.phase_offsets(g))
             .collect();
         SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(phases_len + most_rows * wide_n, 0.0);
+            // Grown, never shrunk (a regrow would zero it again); `split` and the kernel write
+            // every element they read.
+            let need = phases_len + most_rows * wide_n;
+            if scratch.len() < need {
+                scratch.resize(need, 0.0);
+            }
             let (phases, wide) = scratch.split_at_mut(phases_len);
             for (x, y) in x
                 .chunks_exact(cin * plane)
@@ -234,6 +239,8 @@ impl TypedOp for GemmConv {
 
 /// What a convolution node computes, read off a `Conv` or a 1x1 convolution's `EinSum`.
 struct Found {
+    /// The data operand.
+    input: OutletId,
     geometry: Window2d,
     input_channels: usize,
     groups: usize,
@@ -275,6 +282,7 @@ fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found
     let mut output_shape = shape.to_vec();
     output_shape[rank - 3..].copy_from_slice(&[cout, geometry.output[0], geometry.output[1]]);
     Some(Found {
+        input: node.inputs[0],
         geometry,
         input_channels: cin,
         groups: conv.group,
@@ -295,19 +303,29 @@ fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found
 fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option<Found> {
     let formula = format!("{}", einsum.axes);
     let (inputs, output) = formula.split_once("->")?;
-    let (x_axes, k_axes) = inputs.split_once(',')?;
+    let (first, second) = inputs.split_once(',')?;
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    // The kernel is the constant operand, first or second (an NNEF-loaded graph puts it first).
+    let facts = [0, 1].map(|ix| model.outlet_fact(node.inputs[ix]).ok());
+    let [Some(a), Some(b)] = facts else {
+        return None;
+    };
+    let (input, x, k, x_axes, k_axes) = match (a.konst.is_some(), b.konst.is_some()) {
+        (false, true) => (node.inputs[0], a, b, first, second),
+        (true, false) => (node.inputs[1], b, a, second, first),
+        _ => return None,
+    };
     let (x_axes, k_axes, output): (Vec<char>, Vec<char>, Vec<char>) = (
         x_axes.chars().collect(),
         k_axes.chars().collect(),
         output.chars().collect(),
     );
-    let x = model.outlet_fact(node.inputs[0]).ok()?;
-    let k = model.outlet_fact(node.inputs[1]).ok()?;
     let shape = x.shape.as_concrete()?;
     let output_shape = node.outputs[0].fact.shape.as_concrete()?.to_vec();
     let kernel = k.konst.as_ref()?;
-    if node.inputs.len() != 2
-        || einsum.q_params.is_some()
+    if einsum.q_params.is_some()
         || x.datum_type != f32::datum_type()
         || kernel.datum_type() != f32::datum_type()
         || node.outputs[0].fact.datum_type != f32::datum_type()
@@ -322,18 +340,19 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
     let x_tail = &x_axes[x_axes.len() - 3..];
     let out_tail = &output[output.len() - 3..];
     let (h, w) = (x_tail[1], x_tail[2]);
-    let extra = |axes: &[char], dims: &[usize]| axes.len() == 3 || dims[0] == 1;
-    if x_tail[0] != i
-        || out_tail != [o, h, w]
-        || [o, i, h, w]
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-            != 4
-        || !extra(&x_axes, shape)
-        || !extra(&output, &output_shape)
-        || (x_axes.len() == 4 && output.len() == 4 && x_axes[0] != output[0])
-    {
+    // A batch axis on both sides (any size), or a batch axis of 1 on one side only.
+    let batch_ok = match (x_axes.len(), output.len()) {
+        (4, 4) => x_axes[0] == output[0],
+        (4, 3) => shape[0] == 1,
+        (3, 4) => output_shape[0] == 1,
+        _ => true,
+    };
+    let distinct = [o, i, h, w]
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+        == 4;
+    if x_tail[0] != i || out_tail != [o, h, w] || !distinct || !batch_ok {
         return None;
     }
     let [cout, cin] = [kernel.shape()[0], kernel.shape()[1]];
@@ -342,6 +361,7 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
         return None;
     }
     Some(Found {
+        input,
         geometry: Window2d {
             kernel: [1, 1],
             stride: [1, 1],
@@ -380,6 +400,7 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
             None
         };
         let Some(Found {
+            input,
             geometry,
             input_channels,
             groups,
@@ -419,7 +440,7 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         };
         let last = nodes.last().copied().unwrap_or(id);
         let mut patch = TypedModelPatch::new(format!("gemm conv {}", node.name));
-        let input = patch.tap_model(model, node.inputs[0])?;
+        let input = patch.tap_model(model, input)?;
         let out = patch.wire_node(format!("{}.gemm", node.name), op, &[input])?[0];
         patch.shunt_outside(model, OutletId::new(last, 0), out)?;
         patch.apply(model)?;

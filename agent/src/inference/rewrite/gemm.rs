@@ -90,12 +90,16 @@ pub fn run(
     assert!(available(), "the GEMM micro-kernel needs AVX-512");
     assert_eq!(b.offsets.len(), a.k);
     assert!(rows.start % MR == 0 && rows.end <= a.m && b.n <= ldc);
-    assert!(c.len() >= (rows.len().max(1) - 1) * ldc + b.n);
     assert!(b.offsets.iter().all(|o| o + b.n <= b.base.len()));
     if rows.is_empty() || b.n == 0 {
         return;
     }
-    pack.resize(KC.min(a.k.max(1)) * NC, 0.0);
+    assert!(c.len() >= (rows.len() - 1) * ldc + b.n);
+    // Grown, never shrunk: a shrink and regrow would zero the buffer again on every call.
+    let need = KC.min(a.k.max(1)) * NC;
+    if pack.len() < need {
+        pack.resize(need, 0.0);
+    }
     for j0 in (0..b.n).step_by(NC) {
         let nc = NC.min(b.n - j0);
         for k0 in (0..a.k.max(1)).step_by(KC) {

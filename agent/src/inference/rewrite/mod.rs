@@ -95,6 +95,11 @@ impl Applied {
     }
 }
 
+/// Whether this CPU runs `GemmConv`'s kernel (AVX-512): elsewhere convolutions stay tract's.
+pub fn gemm_kernel_available() -> bool {
+    gemm::available()
+}
+
 /// The node reading `outlet` when it is the only reader and `outlet` is not a model output:
 /// what a rewrite may fuse with the node that produced `outlet`.
 fn sole_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
