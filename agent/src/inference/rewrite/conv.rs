@@ -18,9 +18,9 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use super::affine::{compose, steps_after};
-use super::conv_constants;
 use super::gemm::{self, PackedA, RowsB, MR};
 use super::geometry::Window2d;
+use super::{conv_constants, f32_values};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GemmConv {
@@ -286,12 +286,7 @@ fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found
         geometry,
         input_channels: cin,
         groups: conv.group,
-        weights: kernel
-            .try_as_plain_ram()
-            .ok()?
-            .as_slice::<f32>()
-            .ok()?
-            .to_vec(),
+        weights: f32_values(&kernel)?,
         bias,
         output_shape,
     })
@@ -370,12 +365,7 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
         },
         input_channels: cin,
         groups: 1,
-        weights: kernel
-            .try_as_plain_ram()
-            .ok()?
-            .as_slice::<f32>()
-            .ok()?
-            .to_vec(),
+        weights: f32_values(kernel)?,
         bias: vec![0.0; cout],
         output_shape,
     })

@@ -112,6 +112,18 @@ fn sole_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
     }
 }
 
+/// The elements of an f32 tensor in memory.
+fn f32_values(tensor: &Tensor) -> Option<Vec<f32>> {
+    Some(
+        tensor
+            .try_as_plain_ram()
+            .ok()?
+            .as_slice::<f32>()
+            .ok()?
+            .to_vec(),
+    )
+}
+
 /// A float convolution's constant kernel, and its bias as one value per output channel (a
 /// scalar bias repeated), or `None` when either is computed or not f32.
 fn conv_constants(
@@ -130,12 +142,7 @@ fn conv_constants(
     {
         return None;
     }
-    let values = bias
-        .try_as_plain_ram()
-        .ok()?
-        .as_slice::<f32>()
-        .ok()?
-        .to_vec();
+    let values = f32_values(&bias)?;
     Some((
         kernel,
         (0..channels).map(|c| values[c % values.len()]).collect(),
