@@ -148,7 +148,6 @@ impl EvalOp for GemmConv {
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if n * cout * oh * ow == 0 {
-            drop(out);
             return Ok(tvec!(output.into_tvalue()));
         }
         let plane = h * w;
@@ -171,7 +170,6 @@ impl EvalOp for GemmConv {
                     y = rest;
                 }
             }
-            drop(out);
             return Ok(tvec!(output.into_tvalue()));
         }
         let [sy, sx] = self.geometry.stride;
@@ -216,7 +214,6 @@ impl EvalOp for GemmConv {
                 }
             }
         });
-        drop(out);
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -264,8 +261,8 @@ fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found
         || node.outputs[0].fact.datum_type != f32::datum_type()
         || spec.input_channels != cin
         || conv.group == 0
-        || cin % conv.group != 0
-        || cout % conv.group != 0
+        || !cin.is_multiple_of(conv.group)
+        || !cout.is_multiple_of(conv.group)
         // Depthwise: `RowDepthwiseConv`'s (a one-row matrix multiply per channel).
         || conv.group == cin
     {
