@@ -244,6 +244,22 @@ fn chain_from(model: &TypedModel, start: &TypedNode) -> Option<(Chain, usize)> {
     (chain.nodes.len() >= 2).then_some((chain, x_slot))
 }
 
+impl ChannelAffine {
+    /// Folds `y = scale_o * conv + shift_o` into the convolution: `weights` is a run of
+    /// `inner` values per output channel (cycling through the channels, as on a kernel's
+    /// output axis) and is scaled run by run; `bias_o` becomes `scale_o * bias_o + shift_o`.
+    pub(super) fn fold_into(&self, weights: &mut [f32], inner: usize, bias: &mut [f32]) {
+        let channels = self.scale.len();
+        for (ix, run) in weights.chunks_exact_mut(inner.max(1)).enumerate() {
+            let s = self.scale[ix % channels];
+            run.iter_mut().for_each(|v| *v *= s);
+        }
+        for (o, b) in bias.iter_mut().enumerate() {
+            *b = *b * self.scale[o] + self.shift[o];
+        }
+    }
+}
+
 /// Composes a chain's steps into one op.
 pub(super) fn compose(steps: &[Step]) -> ChannelAffine {
     let mut scale: Vec<f32> = Vec::new();

@@ -74,8 +74,9 @@ impl GemmConv {
             && self.geometry.pad_before == [0, 0]
     }
 
-    /// Where row `(c, ky, kx)` of group `g`'s `B` starts in the phase planes.
-    fn phase_offsets(&self, g: usize) -> Vec<usize> {
+    /// Where row `(c, ky, kx)` of group `g`'s `B` starts: in the input (planes of `plane`
+    /// elements) when `direct`, else in the phase planes.
+    fn offsets(&self, g: usize, plane: usize) -> Vec<usize> {
         let [kh, kw] = self.geometry.kernel;
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
@@ -83,6 +84,10 @@ impl GemmConv {
         let per_group = self.input_channels / self.groups.len();
         let mut offsets = Vec::with_capacity(per_group * kh * kw);
         for c in g * per_group..(g + 1) * per_group {
+            if self.direct() {
+                offsets.push(c * plane);
+                continue;
+            }
             for ky in 0..kh {
                 for kx in 0..kw {
                     let phase = (c * sy + ky % sy) * sx + kx % sx;
@@ -152,38 +157,25 @@ impl EvalOp for GemmConv {
         }
         let plane = h * w;
         let cin = self.input_channels;
-        if self.direct() {
-            for (x, y) in x
-                .chunks_exact(cin * plane)
-                .zip(y.chunks_exact_mut(cout * plane))
-            {
-                let mut y = &mut y[..];
-                for (g, a) in self.groups.iter().enumerate() {
-                    let offsets: Vec<usize> = (0..a.k).map(|c| (g * a.k + c) * plane).collect();
-                    let b = RowsB {
-                        base: x,
-                        offsets: &offsets,
-                        n: plane,
-                    };
-                    let (c, rest) = y.split_at_mut(a.m * plane);
-                    self.multiply(a, &b, c, plane);
-                    y = rest;
-                }
-            }
-            return Ok(tvec!(output.into_tvalue()));
-        }
+        let direct = self.direct();
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
-        let phases_len = cin * sy * sx * self.geometry.phase_len();
-        let wide_n = oh * cols;
+        // A direct convolution reads the input and writes the output as they are; any other
+        // reads phase planes and writes rows `cols` wide, trimmed to `ow` after.
+        let (phases_len, n_cols) = if direct {
+            (0, plane)
+        } else {
+            (cin * sy * sx * self.geometry.phase_len(), oh * cols)
+        };
         let most_rows = self.groups.iter().map(|g| g.m).max().unwrap_or(0);
+        let wide_len = if direct { 0 } else { most_rows * n_cols };
         let offsets: Vec<Vec<usize>> = (0..self.groups.len())
-            .map(|g| self.phase_offsets(g))
+            .map(|g| self.offsets(g, plane))
             .collect();
         SCRATCH.with_borrow_mut(|scratch| {
             // Grown, never shrunk (a regrow would zero it again); `split` and the kernel write
             // every element they read.
-            let need = phases_len + most_rows * wide_n;
+            let need = phases_len + wide_len;
             if scratch.len() < need {
                 scratch.resize(need, 0.0);
             }
@@ -192,23 +184,32 @@ impl EvalOp for GemmConv {
                 .chunks_exact(cin * plane)
                 .zip(y.chunks_exact_mut(cout * oh * ow))
             {
-                for (x, phases) in x
-                    .chunks_exact(plane)
-                    .zip(phases.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
-                {
-                    self.geometry.split(x, [h, w], phases);
-                }
+                let base: &[f32] = if direct {
+                    x
+                } else {
+                    for (x, phases) in x
+                        .chunks_exact(plane)
+                        .zip(phases.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
+                    {
+                        self.geometry.split(x, [h, w], phases);
+                    }
+                    phases
+                };
                 let mut y = &mut y[..];
                 for (a, offsets) in self.groups.iter().zip(&offsets) {
                     let b = RowsB {
-                        base: phases,
+                        base,
                         offsets,
-                        n: wide_n,
+                        n: n_cols,
                     };
-                    self.multiply(a, &b, &mut wide[..a.m * wide_n], wide_n);
                     let (c, rest) = y.split_at_mut(a.m * oh * ow);
-                    for (out, wide) in c.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
-                        out.copy_from_slice(&wide[..ow]);
+                    if direct {
+                        self.multiply(a, &b, c, n_cols);
+                    } else {
+                        self.multiply(a, &b, &mut wide[..a.m * n_cols], n_cols);
+                        for (out, wide) in c.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
+                            out.copy_from_slice(&wide[..ow]);
+                        }
                     }
                     y = rest;
                 }
@@ -410,10 +411,7 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         let [kh, kw] = geometry.kernel;
         let k = input_channels / groups * kh * kw;
         if !affine.scale.is_empty() && !nodes.is_empty() {
-            for (o, row) in weights.chunks_exact_mut(k).enumerate() {
-                row.iter_mut().for_each(|v| *v *= affine.scale[o]);
-                bias[o] = bias[o] * affine.scale[o] + affine.shift[o];
-            }
+            affine.fold_into(&mut weights, k, &mut bias);
         }
         let m = cout / groups;
         let op = GemmConv {

@@ -6,27 +6,11 @@
 //! by `a_o` and setting its bias to `a_o * bias_o + b_o` computes the same thing for free.
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::affine::{compose, steps_after};
 use super::conv_constants;
-
-/// `kernel` with output channel `o` (on `o_axis`) multiplied by `scale[o]`.
-fn scale_kernel(kernel: &Tensor, o_axis: usize, scale: &[f32]) -> TractResult<Tensor> {
-    let shape = kernel.shape();
-    ensure!(shape[o_axis] == scale.len());
-    let inner: usize = shape[o_axis + 1..].iter().product();
-    let mut out = kernel.clone();
-    let mut view = out.try_as_plain_ram_mut()?;
-    let values = view.as_slice_mut::<f32>()?;
-    for (ix, run) in values.chunks_exact_mut(inner.max(1)).enumerate() {
-        let s = scale[ix % scale.len()];
-        run.iter_mut().for_each(|v| *v *= s);
-    }
-    Ok(out)
-}
 
 /// Folds every such chain; returns how many.
 pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
@@ -56,10 +40,14 @@ pub fn into_grouped_convs(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let o_axis = conv.kernel_fmt.o_axis(kernel.shape());
-        let new_kernel = scale_kernel(&kernel, o_axis, &affine.scale)?;
-        let new_bias: Vec<f32> = (0..channels)
-            .map(|o| bias[o] * affine.scale[o] + affine.shift[o])
-            .collect();
+        let inner: usize = kernel.shape()[o_axis + 1..].iter().product();
+        let mut new_kernel = (*kernel).clone();
+        let mut new_bias = bias;
+        affine.fold_into(
+            new_kernel.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            inner,
+            &mut new_bias,
+        );
         let last = *chain.nodes.last().expect("the chain is not empty");
         let mut patch = TypedModelPatch::new(format!(
             "fold {} steps into {}",

@@ -137,7 +137,11 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         let Some(shape) = fact.shape.as_concrete() else {
             continue;
         };
-        if pool.with_index_outputs.is_some() || fact.datum_type != f32::datum_type() {
+        if pool.with_index_outputs.is_some()
+            || fact.datum_type != f32::datum_type()
+            // Window2d::of also takes CHW; our eval is NCHW only.
+            || shape.len() != 4
+        {
             continue;
         }
         let Some(geometry) = Window2d::of(&pool.pool_spec, shape, &node.outputs[0].fact) else {
