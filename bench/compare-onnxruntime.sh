@@ -3,7 +3,8 @@
 # rewrites) and onnxruntime on the same models, inputs and thread counts, in one run: the
 # bundled models plus four model-zoo CNNs (bench/zoo.py materialises them under target/zoo).
 # Then load time from ONNX vs from the NNEF cache, and what bench's instrumentation costs
-# against a bare tract loop on the bundled models (agent/examples/overhead.rs). Prints
+# against a bare tract loop on the bundled models (agent/examples/overhead.rs), and GemmConv's
+# matrix multiply alone on ResNet-50's layer shapes (agent/examples/gemm_shapes.rs). Prints
 # Markdown tables for bench/RESULTS.md.
 #
 #   bench/compare-onnxruntime.sh [SECONDS_PER_RUN]      (default 10)
@@ -13,10 +14,12 @@ DURATION="${1:-10}"
 CORES="$(nproc)"
 
 python3 -c 'import onnxruntime, numpy, onnx' 2>/dev/null || pip install -q -r models/requirements.txt
-cargo build --release -q -p plaster-agent --bin plaster-agent --example overhead --example load_time
+cargo build --release -q -p plaster-agent --bin plaster-agent --example overhead --example load_time \
+    --example gemm_shapes
 AGENT=target/release/plaster-agent
 OVERHEAD=target/release/examples/overhead
 LOAD_TIME=target/release/examples/load_time
+GEMM_SHAPES=target/release/examples/gemm_shapes
 ZOO=target/zoo
 for name in resnet50 shufflenet densenet121 inception_v1; do
     [ -f "$ZOO/$name.onnx" ] || { python3 bench/zoo.py "$ZOO"; break; }
@@ -105,3 +108,9 @@ print(f"| {name} | {threads} | {b:.4f} | {i:.4f} ({100 * (i / b - 1):+.1f}%) | {
 PY
     done
 done
+
+echo
+echo "Our convolution matrix multiply alone (agent/examples/gemm_shapes.rs) on ResNet-50's layer"
+echo "shapes, best of 20:"
+echo
+$GEMM_SHAPES

@@ -237,15 +237,16 @@ def make_rewrite_graphs():
         n("LRN", ["x"], ["l1"], size=5, alpha=1e-4, beta=0.75, bias=1.0),
         n("LRN", ["l1"], ["y"], size=4, alpha=0.05, beta=0.6, bias=2.0),
     ], [vi("x", [2, 7, 5, 6])], [vi("y", [2, 7, 5, 6])], []))
-    # Max pools: 3x3/2 padded, 2x2/2 with ceil mode, asymmetric padding, a 2x3 window.
+    # Max pools: 3x3/2 padded, 2x2/2 with ceil mode, asymmetric padding, a 2x3 window, stride 3.
     files.append(save("max_pool", [
         n("MaxPool", ["x"], ["y1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
         n("MaxPool", ["x"], ["y2"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
         n("MaxPool", ["x"], ["y3"], kernel_shape=[3, 3], pads=[1, 0, 1, 2]),
         n("MaxPool", ["x"], ["y4"], kernel_shape=[2, 3], strides=[1, 2]),
+        n("MaxPool", ["x"], ["y5"], kernel_shape=[2, 4], strides=[3, 3], pads=[0, 1, 0, 2]),
     ], [vi("x", [1, 3, 11, 10])], [
         vi("y1", [1, 3, 6, 5]), vi("y2", [1, 3, 6, 5]), vi("y3", [1, 3, 11, 10]),
-        vi("y4", [1, 3, 10, 4]),
+        vi("y4", [1, 3, 10, 4]), vi("y5", [1, 3, 4, 4]),
     ], []))
     for rel in files:
         onnx.checker.check_model(os.path.join(HERE, rel))

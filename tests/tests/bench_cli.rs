@@ -555,6 +555,24 @@ fn profile_says_where_the_time_goes() {
         .windows(2)
         .all(|w| w[0]["ms_per_inference"].as_f64() >= w[1]["ms_per_inference"].as_f64());
     assert!(sorted, "ops are listed slowest first");
+    // The slowest nodes, by name: each no slower than its op kind's total, slowest first.
+    let nodes = p["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), plaster_agent::inference::SLOWEST_NODES);
+    for node in nodes {
+        assert!(!node["name"].as_str().unwrap().is_empty(), "{node}");
+        let kind = ops.iter().find(|o| o["op"] == node["op"]).unwrap();
+        assert!(node["ms_per_inference"].as_f64() <= kind["ms_per_inference"].as_f64());
+    }
+    let sorted = nodes
+        .windows(2)
+        .all(|w| w[0]["ms_per_inference"].as_f64() >= w[1]["ms_per_inference"].as_f64());
+    assert!(sorted, "nodes are listed slowest first");
+    assert!(
+        nodes.iter().any(|n| n["op"] == conv_op
+            && !n["info"].as_str().unwrap().is_empty()
+            && n["gflops_per_s"].as_f64().unwrap() > 0.0),
+        "a convolution among the slowest nodes, with its shape and rate: {nodes:?}"
+    );
 }
 
 #[test]

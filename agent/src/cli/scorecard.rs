@@ -44,21 +44,42 @@ pub fn render(report: &Report) -> String {
     )
 }
 
+fn gflops(rate: Option<f64>) -> String {
+    rate.map(|g| format!("{g:.1}"))
+        .unwrap_or_else(|| "-".into())
+}
+
 fn render_profile(p: &crate::inference::Profile) -> String {
-    let mut table = table(vec!["op", "nodes", "share", "ms/inference", "GFLOP/s"]);
+    let mut ops = table(vec!["op", "nodes", "share", "ms/inference", "GFLOP/s"]);
     for op in &p.ops {
-        table.add_row(vec![
+        ops.add_row(vec![
             op.op.clone(),
             op.nodes.to_string(),
             format!("{:.1}%", op.share * 100.0),
             sig(op.ms_per_inference),
-            op.gflops_per_s
-                .map(|g| format!("{g:.1}"))
-                .unwrap_or_else(|| "-".into()),
+            gflops(op.gflops_per_s),
+        ]);
+    }
+    let mut nodes = table(vec![
+        "node",
+        "op",
+        "share",
+        "ms/inference",
+        "GFLOP/s",
+        "shape",
+    ]);
+    for node in &p.nodes {
+        nodes.add_row(vec![
+            node.name.clone(),
+            node.op.clone(),
+            format!("{:.1}%", node.share * 100.0),
+            sig(node.ms_per_inference),
+            gflops(node.gflops_per_s),
+            node.info.clone(),
         ]);
     }
     format!(
-        "profile: {} runs, {} ms/inference wall, {} ms in ops\n{table}\n",
+        "profile: {} runs, {} ms/inference wall, {} ms in ops\n{ops}\nslowest nodes:\n{nodes}\n",
         p.runs,
         sig(p.wall_ms_per_inference),
         sig(p.ops_ms_per_inference)

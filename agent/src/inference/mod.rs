@@ -22,7 +22,7 @@ use tract_onnx::tract_core::runtime::{RunOptions, Runnable, State};
 use tract_onnx::tract_core::transform::get_transform;
 
 pub use error::InferenceError;
-pub use profile::{OpProfile, Profile};
+pub use profile::{NodeProfile, OpProfile, Profile, SLOWEST_NODES};
 
 /// How far one runtime's outputs are from the CPU runtime's in f32 on the same inputs
 /// (`bench --check-outputs`): a GPU or f16 plan that computes something else shows here.

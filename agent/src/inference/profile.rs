@@ -25,6 +25,26 @@ pub struct Profile {
     pub ops_share_of_wall: f64,
     /// Op kinds, slowest first.
     pub ops: Vec<OpProfile>,
+    /// The slowest nodes (at most [`SLOWEST_NODES`]), slowest first: which layers of an op
+    /// kind are behind its rate.
+    #[serde(default)]
+    pub nodes: Vec<NodeProfile>,
+}
+
+/// How many nodes [`Profile::nodes`] lists.
+pub const SLOWEST_NODES: usize = 12;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeProfile {
+    /// The node's name in the plan (from the ONNX graph, with tract's suffixes).
+    pub name: String,
+    pub op: String,
+    /// The op's own description of its shape and parameters.
+    pub info: String,
+    pub ms_per_inference: f64,
+    /// Share of the ops' total time, 0 to 1.
+    pub share: f64,
+    pub gflops_per_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +105,13 @@ impl PreparedModel {
             runs += 1;
         }
         let per_inference = |d: Duration| d.as_secs_f64() * 1e3 / (runs as f64 * self.batch as f64);
+        let total: Duration = per_node.iter().sum();
+        let share = |d: Duration| d.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE);
+        let rate = |flops_per_run: f64, time: Duration| {
+            let seconds_per_run = time.as_secs_f64() / runs as f64;
+            (flops_per_run > 0.0 && seconds_per_run > 0.0)
+                .then(|| flops_per_run / seconds_per_run / 1e9)
+        };
         let mut groups: BTreeMap<String, (usize, Duration, f64)> = BTreeMap::new();
         for node in model.nodes() {
             let entry = groups.entry(node.op().name().to_string()).or_default();
@@ -92,23 +119,33 @@ impl PreparedModel {
             entry.1 += per_node[node.id];
             entry.2 += flops[node.id];
         }
-        let total: Duration = per_node.iter().sum();
         let mut ops: Vec<OpProfile> = groups
             .into_iter()
             .filter(|(_, (_, time, _))| !time.is_zero())
-            .map(|(op, (nodes, time, flops_per_run))| {
-                let seconds_per_run = time.as_secs_f64() / runs as f64;
-                OpProfile {
-                    op,
-                    nodes,
-                    ms_per_inference: per_inference(time),
-                    share: time.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE),
-                    gflops_per_s: (flops_per_run > 0.0 && seconds_per_run > 0.0)
-                        .then(|| flops_per_run / seconds_per_run / 1e9),
-                }
+            .map(|(op, (nodes, time, flops_per_run))| OpProfile {
+                op,
+                nodes,
+                ms_per_inference: per_inference(time),
+                share: share(time),
+                gflops_per_s: rate(flops_per_run, time),
             })
             .collect();
         ops.sort_by(|a, b| b.ms_per_inference.total_cmp(&a.ms_per_inference));
+        let mut slowest: Vec<&TypedNode> = model.nodes().iter().collect();
+        slowest.sort_by(|a, b| per_node[b.id].cmp(&per_node[a.id]));
+        let nodes = slowest
+            .into_iter()
+            .take(SLOWEST_NODES)
+            .filter(|node| !per_node[node.id].is_zero())
+            .map(|node| NodeProfile {
+                name: node.name.clone(),
+                op: node.op().name().to_string(),
+                info: node.op().info().unwrap_or_default().join("; "),
+                ms_per_inference: per_inference(per_node[node.id]),
+                share: share(per_node[node.id]),
+                gflops_per_s: rate(flops[node.id], per_node[node.id]),
+            })
+            .collect();
         coverage.sort_by(f64::total_cmp);
         Ok(Profile {
             runs,
@@ -116,6 +153,7 @@ impl PreparedModel {
             ops_ms_per_inference: per_inference(total),
             ops_share_of_wall: coverage[coverage.len() / 2],
             ops,
+            nodes,
         })
     }
 }

@@ -18,7 +18,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use super::affine::{compose, steps_after};
-use super::gemm::{self, PackedA, RowsB, MR};
+use super::gemm::{self, PackedA, RowsB};
 use super::geometry::Window2d;
 use super::{conv_constants, f32_values};
 
@@ -37,9 +37,8 @@ pub struct GemmConv {
 impl Eq for GemmConv {}
 
 thread_local! {
-    /// Packed `B` blocks, and the phase planes and wide output of the thread that evaluates:
-    /// kept between calls (a fresh buffer per call would cost a page-faulting allocation).
-    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The phase planes and wide output of the thread that evaluates: kept between calls (a
+    /// fresh buffer per call would cost a page-faulting allocation).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -98,32 +97,12 @@ impl GemmConv {
         offsets
     }
 
-    /// `c = relu?(a b + bias)`, its rows split over the executor's threads when it has several
-    /// and there are enough rows.
+    /// `c = relu?(a b + bias)` on the executor's threads when it has several.
     fn multiply(&self, a: &PackedA, b: &RowsB, c: &mut [f32], ldc: usize) {
-        let run = |rows: std::ops::Range<usize>, c: &mut [f32]| {
-            PACK.with_borrow_mut(|pack| gemm::run(a, b, rows, c, ldc, self.relu, pack))
-        };
-        let pool = match current_tract_executor() {
-            Executor::MultiThread(pool) if pool.current_num_threads() > 1 => pool,
-            _ => return run(0..a.m, c),
-        };
-        let panels = a.m.div_ceil(MR);
-        let chunks = pool.current_num_threads().min(panels);
-        if chunks <= 1 {
-            return run(0..a.m, c);
+        match current_tract_executor() {
+            Executor::MultiThread(pool) => gemm::multiply(a, b, c, ldc, self.relu, Some(&pool)),
+            _ => gemm::multiply(a, b, c, ldc, self.relu, None),
         }
-        let per_chunk = panels.div_ceil(chunks) * MR;
-        pool.install(|| {
-            rayon::scope(|scope| {
-                for (ix, c) in c[..a.m * ldc].chunks_mut(per_chunk * ldc).enumerate() {
-                    let start = ix * per_chunk;
-                    let rows = start..(start + per_chunk).min(a.m);
-                    let run = &run;
-                    scope.spawn(move |_| run(rows, c));
-                }
-            })
-        });
     }
 }
 

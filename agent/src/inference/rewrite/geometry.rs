@@ -117,8 +117,8 @@ impl Window2d {
 
     pub fn info(&self) -> String {
         format!(
-            "kernel {:?} stride {:?} pad {:?}",
-            self.kernel, self.stride, self.pad_before
+            "kernel {:?} stride {:?} pad {:?} -> {:?}",
+            self.kernel, self.stride, self.pad_before, self.output
         )
     }
 }

@@ -59,15 +59,7 @@ impl RowMaxPool {
             for iy in rows.start + 1..rows.end {
                 kernels::max_assign(row, &x[iy * w..][..w]);
             }
-            let padded = &scratch.row;
-            for (p, phase) in scratch.phases.iter_mut().enumerate() {
-                for (i, v) in phase.iter_mut().enumerate() {
-                    *v = padded
-                        .get(stride * i + p)
-                        .copied()
-                        .unwrap_or(f32::NEG_INFINITY);
-                }
-            }
+            scratch.split_phases(stride);
             for j in 0..geometry.kernel[1] {
                 kernels::max_assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
             }
@@ -85,9 +77,35 @@ struct Scratch {
 impl Scratch {
     fn new(op: &RowMaxPool, w: usize) -> Scratch {
         let [_, phase_len] = op.0.phase_dims();
+        let stride = op.0.stride[1];
         Scratch {
-            row: vec![f32::NEG_INFINITY; op.padded_width(w)],
-            phases: vec![vec![f32::NEG_INFINITY; phase_len]; op.0.stride[1]],
+            // Long enough for every phase element: the phase split needs no bounds checks.
+            row: vec![f32::NEG_INFINITY; op.padded_width(w).max(stride * phase_len)],
+            phases: vec![vec![f32::NEG_INFINITY; phase_len]; stride],
+        }
+    }
+
+    /// `phases[p][i] = row[stride * i + p]`: branch-free loops the compiler vectorises
+    /// (de-interleaving loads for stride 2, by far the commonest), where a bounds-checked
+    /// scalar gather was most of a pool's time.
+    fn split_phases(&mut self, stride: usize) {
+        let phase_len = self.phases[0].len();
+        let row = &self.row[..stride * phase_len];
+        match &mut self.phases[..] {
+            [phase] => phase.copy_from_slice(row),
+            [even, odd] => {
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+            }
+            phases => {
+                for (i, chunk) in row.chunks_exact(stride).enumerate() {
+                    for (phase, v) in phases.iter_mut().zip(chunk) {
+                        phase[i] = *v;
+                    }
+                }
+            }
         }
     }
 }
