@@ -80,7 +80,8 @@ pub struct RowsB<'a> {
 }
 
 /// Below this many multiply-adds a product stays on the calling thread: handing work to the
-/// pool and joining costs more than the second thread gives (SqueezeNet's squeeze layers).
+/// pool and joining costs about what a second thread gives (products of about 3 M gained
+/// nothing from it on the 2-core VM of bench/RESULTS.md).
 const PARALLEL_MIN_FMAS: usize = 1 << 22;
 /// Columns a thread gets at least when the columns are split.
 const PARALLEL_MIN_COLS: usize = 4 * NR;
