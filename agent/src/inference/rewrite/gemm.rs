@@ -272,7 +272,7 @@ impl Tile<'_> {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (c, ldc, vectors);
+        let _ = (c, ldc, vectors, self.relu);
     }
 }
 
