@@ -99,10 +99,11 @@ impl GemmConv {
 
     /// `c = relu?(a b + bias)` on the executor's threads when it has several.
     fn multiply(&self, a: &PackedA, b: &RowsB, c: &mut [f32], ldc: usize) {
-        match current_tract_executor() {
-            Executor::MultiThread(pool) => gemm::multiply(a, b, c, ldc, self.relu, Some(&pool)),
-            _ => gemm::multiply(a, b, c, ldc, self.relu, None),
-        }
+        let pool = match current_tract_executor() {
+            Executor::MultiThread(pool) => Some(pool),
+            _ => None,
+        };
+        gemm::multiply(a, b, c, ldc, self.relu, pool.as_deref());
     }
 }
 

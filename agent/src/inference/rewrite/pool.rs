@@ -59,7 +59,7 @@ impl RowMaxPool {
             for iy in rows.start + 1..rows.end {
                 kernels::max_assign(row, &x[iy * w..][..w]);
             }
-            scratch.split_phases(stride);
+            scratch.split_phases();
             for j in 0..geometry.kernel[1] {
                 kernels::max_assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
             }
@@ -88,7 +88,8 @@ impl Scratch {
     /// `phases[p][i] = row[stride * i + p]`: branch-free loops the compiler vectorises
     /// (de-interleaving loads for stride 2, by far the commonest), where a bounds-checked
     /// scalar gather was most of a pool's time.
-    fn split_phases(&mut self, stride: usize) {
+    fn split_phases(&mut self) {
+        let stride = self.phases.len();
         let phase_len = self.phases[0].len();
         let row = &self.row[..stride * phase_len];
         match &mut self.phases[..] {
