@@ -1,23 +1,27 @@
 //! GFLOP/s of our convolution matrix multiply (`rewrite::gemm`) on its own, on the shapes of
 //! ResNet-50's layers (`M` output channels, `K` = input channels x kernel taps, `N` output
-//! positions, as wide as GemmConv computes them), on one thread and on all cores, best of 20
+//! positions), on one thread and on all cores, best of 20
 //! runs each, alternated so that machine noise hits both alike. Prints a Markdown table.
 //!
 //! Usage: gemm_shapes
 
 use plaster_agent::inference::rewrite::gemm::{self, PackedA, RowsB};
+use plaster_agent::inference::warm::Crew;
 use std::time::Instant;
 
-const SHAPES: [(&str, usize, usize, usize); 9] = [
-    ("conv1 7x7/2, 112x112", 64, 147, 112 * 115),
-    ("3x3 64, 56x56", 64, 576, 56 * 58),
-    ("1x1 64 -> 256, 56x56", 256, 64, 3136),
-    ("1x1 256 -> 64, 56x56", 64, 256, 3136),
-    ("3x3 128, 28x28", 128, 1152, 28 * 30),
-    ("3x3 256, 14x14", 256, 2304, 14 * 16),
-    ("3x3 512, 7x7", 512, 4608, 7 * 9),
-    ("1x1 1024 -> 2048, 7x7", 2048, 1024, 49),
-    ("1x1 2048 -> 512, 7x7", 512, 2048, 49),
+/// Name, `M`, `K`, `N`, and how GemmConv reads `B`'s columns (`RowsB::wrap`: output rows of
+/// `ow` read from phase rows `ow + 2` or `+ 3` wide).
+type Shape = (&'static str, usize, usize, usize, Option<[usize; 2]>);
+const SHAPES: [Shape; 9] = [
+    ("conv1 7x7/2, 112x112", 64, 147, 112 * 112, Some([112, 115])),
+    ("3x3 64, 56x56", 64, 576, 56 * 56, Some([56, 58])),
+    ("1x1 64 -> 256, 56x56", 256, 64, 3136, None),
+    ("1x1 256 -> 64, 56x56", 64, 256, 3136, None),
+    ("3x3 128, 28x28", 128, 1152, 28 * 28, Some([28, 30])),
+    ("3x3 256, 14x14", 256, 2304, 14 * 14, Some([14, 16])),
+    ("3x3 512, 7x7", 512, 4608, 7 * 7, Some([7, 9])),
+    ("1x1 1024 -> 2048, 7x7", 2048, 1024, 49, None),
+    ("1x1 2048 -> 512, 7x7", 512, 2048, 49, None),
 ];
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -32,22 +36,25 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let cores = std::thread::available_parallelism()?.get();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(cores).build()?;
+    let crew = Crew::new(cores - 1);
+    let _hot = crew.hold();
     println!("| layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, m, k, n) in SHAPES {
+    for (name, m, k, n, wrap) in SHAPES {
         let a = PackedA::new(&values(m * k, 1), m, k, &values(m, 3));
-        let b = values(k * n, 2);
-        let offsets: Vec<usize> = (0..k).map(|kk| kk * n).collect();
+        let span = wrap.map_or(n, |[width, pitch]| n / width * pitch);
+        let b = values(k * span, 2);
+        let offsets: Vec<usize> = (0..k).map(|kk| kk * span).collect();
         let rows = RowsB {
             base: &b,
             offsets: &offsets,
             n,
+            wrap,
         };
         let mut c = vec![0f32; m * n];
         let mut best = [f64::MAX; 2];
         for _ in 0..20 {
-            for (slot, threads) in [None, Some(&pool)].into_iter().enumerate() {
+            for (slot, threads) in [None, Some(&crew)].into_iter().enumerate() {
                 let t = Instant::now();
                 gemm::multiply(&a, &rows, &mut c, n, true, threads);
                 best[slot] = best[slot].min(t.elapsed().as_secs_f64());

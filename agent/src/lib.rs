@@ -3,7 +3,8 @@
 //! The binary (`main.rs`) is a thin shell over this library so tests drive the same code paths.
 //! See ARCHITECTURE.md at the repository root for the code map and invariants.
 // Unsafe code is refused everywhere but in the SIMD kernels of our own ops
-// (inference/rewrite/kernels.rs), which allow it for target-feature dispatch.
+// (inference/rewrite/kernels.rs and gemm.rs), which allow it for target-feature dispatch, and
+// in the helper threads that share their work (inference/warm.rs).
 #![deny(unsafe_code)]
 
 pub mod api;

@@ -12,6 +12,9 @@ mod programmability;
 pub mod rewrite;
 mod runtime;
 mod source;
+// Shares a job on the stack with helper threads (a scoped pointer; see its SAFETY notes).
+#[allow(unsafe_code)]
+pub mod warm;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -148,6 +151,9 @@ pub struct PreparedModel {
     programmability: Programmability,
     flops_per_batch: Option<u64>,
     parameters: u64,
+    /// With several threads on the CPU: the helpers that stay awake while a session runs and
+    /// share our ops' work ([`warm`]).
+    crew: Option<Arc<warm::Crew>>,
 }
 
 impl PreparedModel {
@@ -179,7 +185,11 @@ impl PreparedModel {
                 .transform(&mut typed)
                 .map_err(|e| model.invalid(e))?;
         }
-        let executor = if threads <= 1 {
+        // tract's own threads only where its ops carry the weight. With our matrix multiply
+        // doing the convolutions (on the crew below), what is left to tract is small
+        // memory-bound ops, which its executor splits at a loss (rayon workers woken per op:
+        // ShuffleNet's element-wise ops took 1.5x longer on two threads than on one).
+        let executor = if threads <= 1 || applied.gemm_convs > 0 {
             Executor::SingleThread
         } else {
             Executor::multithread(threads)
@@ -217,6 +227,8 @@ impl PreparedModel {
             None => Programmability::default(),
         };
         programmability.rewrites = applied;
+        let crew = (threads > 1 && choice.kind == RuntimeKind::Cpu)
+            .then(|| Arc::new(warm::Crew::new(threads - 1)));
         Ok(PreparedModel {
             runnable,
             runtime: choice.kind,
@@ -226,13 +238,17 @@ impl PreparedModel {
             programmability,
             flops_per_batch,
             parameters,
+            crew,
         })
     }
 
     /// A new inference state on this plan; each thread running inference owns one.
     pub fn session(&self) -> Result<Session, InferenceError> {
         let state = self.runnable.spawn().map_err(InferenceError::run)?;
-        Ok(Session { state })
+        Ok(Session {
+            state,
+            crew: self.crew.clone(),
+        })
     }
 
     pub fn runtime(&self) -> RuntimeKind {
@@ -350,11 +366,13 @@ impl PreparedModel {
 #[derive(Debug)]
 pub struct Session {
     state: Box<dyn State>,
+    crew: Option<Arc<warm::Crew>>,
 }
 
 impl Session {
     /// Runs one inference. A panic inside the runtime is contained and reported as an error.
     pub fn run(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, InferenceError> {
+        let _hot = self.crew.as_deref().map(warm::Crew::hold);
         match catch_unwind(AssertUnwindSafe(|| self.state.run(inputs))) {
             Ok(result) => result.map_err(InferenceError::run),
             Err(panic) => Err(InferenceError::Run(format!(

@@ -85,6 +85,8 @@ impl PreparedModel {
         let mut runs = 0u64;
         let mut wall = Duration::ZERO;
         let mut coverage = Vec::new();
+        // The same conditions as `Session::run`: the crew awake and sharing our ops' work.
+        let _hot = self.crew.as_deref().map(super::warm::Crew::hold);
         let start = Instant::now();
         while runs == 0 || start.elapsed() < duration {
             let input = inputs[runs as usize % inputs.len()].clone();

@@ -14,6 +14,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Max, Mul, Sub};
 
 use super::{kernels, sole_reader};
+use crate::inference::warm;
 
 /// `y = a_c * x + b_c`, then `max(y, 0)` when `relu`, with `c` the index on axis 1.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,10 +59,13 @@ impl EvalOp for ChannelAffine {
             Ok(mut tensor) => {
                 let mut view = tensor.try_as_plain_ram_mut()?;
                 let y = view.as_slice_mut::<f32>()?;
-                for (ix, plane) in y.chunks_exact_mut(plane).enumerate() {
-                    let c = ix % channels;
-                    kernels::affine_in_place(plane, self.scale[c], self.shift[c], self.relu);
-                }
+                let work_size = y.len();
+                warm::for_parts(y, plane, work_size, &|planes, y| {
+                    for (ix, y) in planes.zip(y.chunks_exact_mut(plane)) {
+                        let c = ix % channels;
+                        kernels::affine_in_place(y, self.scale[c], self.shift[c], self.relu);
+                    }
+                });
                 tensor
             }
             Err(shared) => {
@@ -70,14 +74,14 @@ impl EvalOp for ChannelAffine {
                 let x = view.as_slice::<f32>()?;
                 let mut out = tensor.try_as_plain_ram_mut()?;
                 let y = out.as_slice_mut::<f32>()?;
-                for (ix, (y, x)) in y
-                    .chunks_exact_mut(plane)
-                    .zip(x.chunks_exact(plane))
-                    .enumerate()
-                {
-                    let c = ix % channels;
-                    kernels::affine(x, y, self.scale[c], self.shift[c], self.relu);
-                }
+                let work_size = y.len();
+                warm::for_parts(y, plane, work_size, &|planes, y| {
+                    for (ix, y) in planes.zip(y.chunks_exact_mut(plane)) {
+                        let c = ix % channels;
+                        let x = &x[ix * plane..][..plane];
+                        kernels::affine(x, y, self.scale[c], self.shift[c], self.relu);
+                    }
+                });
                 tensor
             }
         };

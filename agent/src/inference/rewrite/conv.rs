@@ -5,13 +5,14 @@
 //! multiply per group whose `B` operand is read straight from the input: a 1x1 convolution
 //! with stride 1 reads the input channels as they are; any other is first split into
 //! zero-padded stride phases (`Window2d::split`, as for depthwise convolutions), after which
-//! every kernel tap `(c, ky, kx)` is one contiguous run of a phase plane over all output rows,
-//! computed a few columns wide and trimmed. The per-channel multiply / add chain and the ReLU
-//! that follow the convolution are folded into its kernel, bias and the kernel's epilogue.
+//! every kernel tap `(c, ky, kx)` reads, for each output row, one contiguous run of a phase
+//! plane's row (`RowsB::wrap`: the phase rows are a few columns wider than the output's, and
+//! only the output's columns are packed and computed). The per-channel multiply / add chain
+//! and the ReLU that follow the convolution are folded into its kernel, bias and the kernel's
+//! epilogue.
 
 use std::cell::RefCell;
 
-use tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
@@ -21,6 +22,7 @@ use super::affine::{compose, steps_after};
 use super::gemm::{self, PackedA, RowsB};
 use super::geometry::Window2d;
 use super::{conv_constants, f32_values};
+use crate::inference::warm::{self, Crew};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GemmConv {
@@ -37,8 +39,8 @@ pub struct GemmConv {
 impl Eq for GemmConv {}
 
 thread_local! {
-    /// The phase planes and wide output of the thread that evaluates: kept between calls (a
-    /// fresh buffer per call would cost a page-faulting allocation).
+    /// The phase planes of the thread that evaluates: kept between calls (a fresh buffer per
+    /// call would cost a page-faulting allocation).
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -96,15 +98,6 @@ impl GemmConv {
         }
         offsets
     }
-
-    /// `c = relu?(a b + bias)` on the executor's threads when it has several.
-    fn multiply(&self, a: &PackedA, b: &RowsB, c: &mut [f32], ldc: usize) {
-        let pool = match current_tract_executor() {
-            Executor::MultiThread(pool) => Some(pool),
-            _ => None,
-        };
-        gemm::multiply(a, b, c, ldc, self.relu, pool.as_deref());
-    }
 }
 
 impl EvalOp for GemmConv {
@@ -140,26 +133,25 @@ impl EvalOp for GemmConv {
         let direct = self.direct();
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
-        // A direct convolution reads the input and writes the output as they are; any other
-        // reads phase planes and writes rows `cols` wide, trimmed to `ow` after.
-        let (phases_len, n_cols) = if direct {
-            (0, plane)
+        // A direct convolution reads the input as it is; any other reads phase planes, whose
+        // rows are `cols` wide: the output's rows are runs of `ow` columns in them.
+        let (phases_len, wrap) = if direct {
+            (0, None)
         } else {
-            (cin * sy * sx * self.geometry.phase_len(), oh * cols)
+            (cin * sy * sx * self.geometry.phase_len(), Some([ow, cols]))
         };
-        let most_rows = self.groups.iter().map(|g| g.m).max().unwrap_or(0);
-        let wide_len = if direct { 0 } else { most_rows * n_cols };
+        // Rows of each group's product: the same for every group.
+        let rows = self.groups.first().map_or(0, |g| g.m);
+        ensure!(self.groups.iter().all(|g| g.m == rows));
         let offsets: Vec<Vec<usize>> = (0..self.groups.len())
             .map(|g| self.offsets(g, plane))
             .collect();
-        SCRATCH.with_borrow_mut(|scratch| {
-            // Grown, never shrunk (a regrow would zero it again); `split` and the kernel write
-            // every element they read.
-            let need = phases_len + wide_len;
-            if scratch.len() < need {
-                scratch.resize(need, 0.0);
+        SCRATCH.with_borrow_mut(|phases| {
+            // Grown, never shrunk (a regrow would zero it again); `split` writes every element
+            // the kernel reads.
+            if phases.len() < phases_len {
+                phases.resize(phases_len, 0.0);
             }
-            let (phases, wide) = scratch.split_at_mut(phases_len);
             for (x, y) in x
                 .chunks_exact(cin * plane)
                 .zip(y.chunks_exact_mut(cout * oh * ow))
@@ -175,23 +167,26 @@ impl EvalOp for GemmConv {
                     }
                     phases
                 };
-                let mut y = &mut y[..];
-                for (a, offsets) in self.groups.iter().zip(&offsets) {
+                let product = |g: usize, c: &mut [f32], crew: Option<&Crew>| {
                     let b = RowsB {
                         base,
-                        offsets,
-                        n: n_cols,
+                        offsets: &offsets[g],
+                        n: oh * ow,
+                        wrap,
                     };
-                    let (c, rest) = y.split_at_mut(a.m * oh * ow);
-                    if direct {
-                        self.multiply(a, &b, c, n_cols);
-                    } else {
-                        self.multiply(a, &b, &mut wide[..a.m * n_cols], n_cols);
-                        for (out, wide) in c.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
-                            out.copy_from_slice(&wide[..ow]);
+                    gemm::multiply(&self.groups[g], &b, c, oh * ow, self.relu, crew);
+                };
+                if self.groups.len() == 1 {
+                    warm::with_current(|crew| product(0, y, crew));
+                } else {
+                    // The groups of a grouped convolution are independent products, each
+                    // mostly too small to split well: the crew takes whole groups.
+                    let work: usize = self.groups.iter().map(|g| g.m * g.k).sum::<usize>();
+                    warm::for_parts(y, rows * oh * ow, work * oh * ow, &|groups, y| {
+                        for (g, c) in groups.zip(y.chunks_exact_mut(rows * oh * ow)) {
+                            product(g, c, None);
                         }
-                    }
-                    y = rest;
+                    });
                 }
             }
         });

@@ -13,6 +13,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 
 use super::geometry::Window2d;
 use super::{conv_constants, kernels};
+use crate::inference::warm;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowDepthwiseConv {
@@ -81,16 +82,18 @@ impl EvalOp for RowDepthwiseConv {
         if oh * ow > 0 && h * w > 0 {
             let [_, cols] = self.geometry.phase_dims();
             let [sy, sx] = self.geometry.stride;
-            let mut phases = vec![0f32; sy * sx * self.geometry.phase_len()];
-            let mut wide = vec![0f32; oh * cols];
-            for (ix, (x, y)) in x
-                .chunks_exact(h * w)
-                .zip(y.chunks_exact_mut(oh * ow))
-                .enumerate()
-            {
-                self.geometry.split(x, [h, w], &mut phases);
-                self.plane(ix % channels, &phases, &mut wide, y);
-            }
+            let [kh, kw] = self.geometry.kernel;
+            let work_size = y.len() * kh * kw;
+            // Planes shared out over the inference's crew, each part with its own buffers.
+            warm::for_parts(y, oh * ow, work_size, &|planes, y| {
+                let mut phases = vec![0f32; sy * sx * self.geometry.phase_len()];
+                let mut wide = vec![0f32; oh * cols];
+                for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
+                    self.geometry
+                        .split(&x[ix * h * w..][..h * w], [h, w], &mut phases);
+                    self.plane(ix % channels, &phases, &mut wide, y);
+                }
+            });
         }
         Ok(tvec!(output.into_tvalue()))
     }

@@ -11,6 +11,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use crate::inference::warm::Crew;
+
 /// Rows of a micro-tile (output channels).
 pub const MR: usize = 8;
 /// Lanes of one zmm register.
@@ -72,17 +74,50 @@ impl PackedA {
     }
 }
 
-/// `B` (`k x n`): row `kk` is `base[offsets[kk]..][..n]`.
+/// `B` (`k x n`): element `(kk, j)` is `base[offsets[kk] + column(j)]`, the columns
+/// contiguous unless `wrap` says otherwise.
 pub struct RowsB<'a> {
     pub base: &'a [f32],
     pub offsets: &'a [usize],
     pub n: usize,
+    /// `Some([width, pitch])`: the columns are runs of `width`, `pitch` apart in `base`, so
+    /// column `j` is at `(j / width) * pitch + j % width`. A convolution's output rows read
+    /// from phase-plane rows that are wider than them: `C` then gets only the output's
+    /// columns, and no multiply-add is spent on the others.
+    pub wrap: Option<[usize; 2]>,
 }
 
-/// Below this many multiply-adds a product stays on the calling thread: handing work to the
-/// pool and joining costs about what a second thread gives (products of about 3 M gained
-/// nothing from it on the 2-core VM of bench/RESULTS.md).
-const PARALLEL_MIN_FMAS: usize = 1 << 22;
+impl RowsB<'_> {
+    /// Where column `j` of a row is, from the row's offset.
+    fn column(&self, j: usize) -> usize {
+        match self.wrap {
+            None => j,
+            Some([width, pitch]) => (j / width) * pitch + j % width,
+        }
+    }
+
+    /// Columns `j..j + cols` as runs contiguous in `base`, `(first column, from the row's
+    /// offset, length)`, into `runs`; returns how many.
+    fn runs(&self, j: usize, cols: usize, runs: &mut [(usize, usize, usize); NR]) -> usize {
+        let mut count = 0;
+        let mut done = 0;
+        while done < cols {
+            let len = match self.wrap {
+                None => cols - done,
+                Some([width, _]) => (width - (j + done) % width).min(cols - done),
+            };
+            runs[count] = (done, self.column(j + done), len);
+            count += 1;
+            done += len;
+        }
+        count
+    }
+}
+
+/// Below this many multiply-adds (about 10 µs of work) a product stays on the calling
+/// thread. The crew's helpers are polling while an inference runs, so handing a part over
+/// costs microseconds, not a wake-up (`warm.rs`).
+const PARALLEL_MIN_FMAS: usize = 1 << 20;
 /// Columns a thread gets at least when the columns are split.
 const PARALLEL_MIN_COLS: usize = 4 * NR;
 
@@ -93,7 +128,7 @@ thread_local! {
 }
 
 /// `c = relu?(a b + bias)`: `c` is `a.m x ldc`, row-major, columns `0..b.n` written. With a
-/// pool of several threads and enough work, the columns are split between them (each packs
+/// crew of several threads and enough work, the columns are split between them (each packs
 /// only its own part of `B`); when there are too few columns for that, the rows are.
 pub fn multiply(
     a: &PackedA,
@@ -101,12 +136,16 @@ pub fn multiply(
     c: &mut [f32],
     ldc: usize,
     relu: bool,
-    pool: Option<&rayon::ThreadPool>,
+    crew: Option<&Crew>,
 ) {
     assert!(available(), "the GEMM micro-kernel needs AVX-512");
     assert_eq!(b.offsets.len(), a.k);
     assert!(b.n <= ldc);
-    assert!(b.offsets.iter().all(|o| o + b.n <= b.base.len()));
+    assert!(b
+        .wrap
+        .is_none_or(|[width, pitch]| width >= 1 && pitch >= width));
+    let span = b.n.checked_sub(1).map_or(0, |last| b.column(last) + 1);
+    assert!(b.offsets.iter().all(|o| o + span <= b.base.len()));
     if a.m == 0 || b.n == 0 {
         return;
     }
@@ -115,7 +154,7 @@ pub fn multiply(
         c: c.as_mut_ptr(),
         ldc,
     };
-    let threads = pool.map_or(1, |p| p.current_num_threads());
+    let threads = crew.map_or(1, Crew::threads);
     let blocks: Vec<(Range<usize>, Range<usize>)> =
         if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
             vec![(0..a.m, 0..b.n)]
@@ -132,24 +171,15 @@ pub fn multiply(
                 .map(|i| (i..(i + per).min(a.m), 0..b.n))
                 .collect()
         };
-    let work = |(rows, cols): (Range<usize>, Range<usize>)| {
+    let work = |part: usize| {
+        let (rows, cols) = blocks[part].clone();
         // SAFETY: the blocks are disjoint and inside `c` (checked above), which `multiply`
         // borrows mutably until every block is done.
         PACK.with_borrow_mut(|pack| unsafe { block(a, b, rows, cols, &out, relu, pack) })
     };
-    let mut blocks = blocks.into_iter();
-    let first = blocks.next().expect("at least one block");
-    match pool {
-        // The calling thread takes the first block itself: one wake-up fewer per product
-        // than handing all of them to the pool (5-10% on ResNet-50's layers at 2 threads).
-        Some(pool) if blocks.len() > 0 => pool.in_place_scope(|scope| {
-            for blk in blocks {
-                let work = &work;
-                scope.spawn(move |_| work(blk));
-            }
-            work(first);
-        }),
-        _ => work(first),
+    match crew {
+        Some(crew) if blocks.len() > 1 => crew.run(blocks.len(), &work),
+        _ => work(0),
     }
 }
 
@@ -226,15 +256,34 @@ unsafe fn block(
 /// registers, zero-padded): `strip[s][kk][j]`.
 fn pack_b(b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &mut [f32]) {
     let kc = ks.len();
+    let mut segments = [(0, 0, 0); NR];
     for (s, j) in js.clone().step_by(NR).enumerate() {
         let cols = NR.min(js.end - j);
         let width = cols.div_ceil(LANES) * LANES;
+        let count = b.runs(j, cols, &mut segments);
+        let runs = &segments[..count];
         let strip = &mut pack[s * kc * NR..][..kc * width];
         for (dst, &offset) in strip.chunks_exact_mut(width).zip(&b.offsets[ks.clone()]) {
-            dst[..cols].copy_from_slice(&b.base[offset + j..][..cols]);
+            for &(at, from, len) in runs {
+                copy_run(&mut dst[at..at + len], &b.base[offset + from..][..len]);
+            }
             dst[cols..].fill(0.0);
         }
     }
+}
+
+/// `dst = src` for one run of a strip's row (1 to `NR` elements): masked vector moves, where a
+/// call to `memcpy` per run cost a quarter of a 56x56 convolution's time with 2 runs a row.
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only `multiply` packs, and it checked that the CPU has AVX-512F; the masked
+    // accesses stay inside both slices.
+    unsafe {
+        avx512::copy(dst, src)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
 }
 
 /// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and a strip of `B` whose
@@ -281,6 +330,21 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Tile, LANES, MR};
+
+    /// `dst = src` (equal lengths) in masked 16-lane moves: masked-off lanes are neither read
+    /// nor written, so nothing past either slice is touched.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy(dst: &mut [f32], src: &[f32]) {
+        let n = dst.len().min(src.len());
+        for i in (0..n).step_by(LANES) {
+            let mask = ((1u32 << (n - i).min(LANES)) - 1) as u16;
+            // SAFETY: lanes `i..i + 16` under `mask` are below `n`, inside both slices.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, v);
+            }
+        }
+    }
 
     /// The `MR x (V * 16)` micro-kernel. Loops have constant trip counts and index the arrays
     /// with them, so that they unroll and the sums stay in registers (iterators over `acc`
@@ -380,10 +444,8 @@ mod tests {
         if !available() {
             return;
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let crew = Crew::new(2);
+        let _hot = crew.hold();
         // Rows not a multiple of MR, columns of every tail width, K across several KC blocks,
         // N across several NC blocks; on one thread and on three, which split the last two
         // shapes by columns and by rows, at ragged boundaries.
@@ -400,24 +462,36 @@ mod tests {
             let b = values(k * n, 2);
             let bias = values(m, 3);
             let packed = PackedA::new(&a, m, k, &bias);
-            // B with a row pitch wider than n, read at offsets.
-            let pitch = n + 3;
-            let mut base = vec![f32::NAN; k * pitch + 1];
-            let offsets: Vec<usize> = (0..k).map(|kk| kk * pitch + 1).collect();
-            for kk in 0..k {
-                base[offsets[kk]..][..n].copy_from_slice(&b[kk * n..][..n]);
-            }
-            let rows_b = RowsB {
-                base: &base,
-                offsets: &offsets,
-                n,
-            };
             let expected = reference(&a, &b, &bias, m, k, n);
-            for (relu, pool) in [(false, None), (true, None), (false, Some(&pool))] {
+            // B contiguous, and in runs of 7 columns 9 apart (a convolution's 7-wide output
+            // rows read from 9-wide phase rows); the gaps hold NaN, which must not be read.
+            for (wrap, relu, crew) in [
+                (None, false, None),
+                (None, true, None),
+                (None, false, Some(&crew)),
+                (Some([7, 9]), false, None),
+                (Some([7, 9]), true, Some(&crew)),
+            ] {
+                let (width, pitch) = wrap.map_or((n, n), |[w, p]| (w, p));
+                let span = n.div_ceil(width) * pitch;
+                let row_pitch = span + 3;
+                let mut base = vec![f32::NAN; k * row_pitch + 1];
+                let offsets: Vec<usize> = (0..k).map(|kk| kk * row_pitch + 1).collect();
+                for kk in 0..k {
+                    for j in 0..n {
+                        base[offsets[kk] + (j / width) * pitch + j % width] = b[kk * n + j];
+                    }
+                }
+                let rows_b = RowsB {
+                    base: &base,
+                    offsets: &offsets,
+                    n,
+                    wrap,
+                };
                 // The padding column of each row must stay untouched.
                 let ldc = n + 1;
                 let mut c = vec![7f32; m * ldc];
-                multiply(&packed, &rows_b, &mut c, ldc, relu, pool);
+                multiply(&packed, &rows_b, &mut c, ldc, relu, crew);
                 for i in 0..m {
                     for j in 0..n {
                         let want = if relu {
@@ -428,7 +502,7 @@ mod tests {
                         let got = c[i * ldc + j];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{m}x{k}x{n} relu {relu}: c[{i}][{j}] = {got}, want {want}"
+                            "{m}x{k}x{n} wrap {wrap:?} relu {relu}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
                     assert_eq!(c[i * ldc + n], 7.0, "{m}x{k}x{n}: column past n written");

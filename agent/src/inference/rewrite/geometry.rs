@@ -7,6 +7,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::cnn::PoolSpec;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::kernels;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window2d {
     pub kernel: [usize; 2],
@@ -94,13 +96,7 @@ impl Window2d {
                     row[..lo].fill(0.0);
                     row[hi..].fill(0.0);
                     let offset = (sx * lo + b) as isize - px;
-                    if sx == 1 {
-                        row[lo..hi].copy_from_slice(&input[offset as usize..][..hi - lo]);
-                    } else {
-                        for (k, v) in row[lo..hi].iter_mut().enumerate() {
-                            *v = input[offset as usize + sx * k];
-                        }
-                    }
+                    kernels::strided_copy(&mut row[lo..hi], &input[offset as usize..], sx);
                 }
             }
         }

@@ -100,3 +100,56 @@ dispatch!(axpy(y: &mut [f32], x: &[f32], a: f32) {
         *y += a * x;
     }
 });
+
+/// `dst[k] = src[stride * k]`: the stride-phase split of convolutions and pooling. Stride 2,
+/// the common one, is a de-interleave the compiler vectorises; no bounds check in any loop.
+pub fn strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    assert!(stride >= 1 && src.len() > stride * (n - 1));
+    match stride {
+        1 => dst.copy_from_slice(&src[..n]),
+        2 => deinterleave(dst, src),
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+// `dst[k] = src[2 * k]`, `src` at least `2 * dst.len() - 1` long.
+dispatch!(deinterleave(dst: &mut [f32], src: &[f32]) {
+    let whole = dst.len().min(src.len() / 2);
+    let (head, tail) = dst.split_at_mut(whole);
+    for (d, pair) in head.iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair[0];
+    }
+    if let Some(last) = tail.first_mut() {
+        *last = src[2 * whole];
+    }
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_copy_takes_every_stride_th_element_up_to_the_last_one_src_holds() {
+        let src: Vec<f32> = (0..23).map(|v| v as f32).collect();
+        for stride in 1..=4 {
+            // Every length `src` can serve, so that the last element read is at or near its end.
+            for n in 0..=(src.len() - 1) / stride + 1 {
+                let mut dst = vec![-1f32; n];
+                strided_copy(&mut dst, &src, stride);
+                let expected: Vec<f32> = (0..n).map(|k| (stride * k) as f32).collect();
+                assert_eq!(dst, expected, "stride {stride}, {n} elements");
+            }
+        }
+        // A source one element short of the last read is refused, not read past.
+        let short = std::panic::catch_unwind(|| strided_copy(&mut [0f32; 3], &[0f32; 4], 2));
+        assert!(short.is_err());
+    }
+}

@@ -12,6 +12,7 @@ use tract_onnx::tract_core::ops::cnn::MaxPool;
 
 use super::geometry::Window2d;
 use super::kernels;
+use crate::inference::warm;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RowMaxPool(pub Window2d);
@@ -126,10 +127,15 @@ impl EvalOp for RowMaxPool {
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
-            let mut scratch = Scratch::new(self, w);
-            for (x, y) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
-                self.plane(x, y, [h, w], &mut scratch);
-            }
+            let [kh, kw] = self.0.kernel;
+            let work_size = y.len() * kh * kw;
+            // Planes shared out over the inference's crew, each part with its own buffers.
+            warm::for_parts(y, oh * ow, work_size, &|planes, y| {
+                let mut scratch = Scratch::new(self, w);
+                for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
+                    self.plane(&x[ix * h * w..][..h * w], y, [h, w], &mut scratch);
+                }
+            });
         }
         Ok(tvec!(output.into_tvalue()))
     }
