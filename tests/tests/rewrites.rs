@@ -16,15 +16,24 @@ use rand_distr::{Distribution, StandardNormal};
 use tract_onnx::prelude::*;
 
 fn prepare(rel: &str, rewrites: bool) -> PreparedModel {
-    prepare_cached(rel, rewrites, None)
+    prepare_with(rel, rewrites, 1, None)
 }
 
 fn prepare_cached(rel: &str, rewrites: bool, cache: Option<ModelCache>) -> PreparedModel {
+    prepare_with(rel, rewrites, 1, cache)
+}
+
+fn prepare_with(
+    rel: &str,
+    rewrites: bool,
+    threads: usize,
+    cache: Option<ModelCache>,
+) -> PreparedModel {
     let model = OnnxModel::load(ModelSource::resolve(&model_path(rel)).unwrap())
         .unwrap()
         .with_cache(cache);
     let cpu = select_runtime(DeviceKind::Cpu).unwrap();
-    let options = PlanOptions::new(Precision::F32, 1).with_rewrites(rewrites);
+    let options = PlanOptions::new(Precision::F32, threads).with_rewrites(rewrites);
     PreparedModel::prepare(&model, model.natural_batch(), &cpu, options).unwrap()
 }
 
@@ -205,6 +214,24 @@ fn every_bundled_model_matches_tract_with_rewrites() {
     // All its convolutions: 26 in the ONNX graph, 32 once tract has split the six 1x1
     // convolutions over a concatenation into one per concatenated input.
     assert_eq!(squeezenet.gemm_convs, gemm_convs(32), "{squeezenet:?}");
+}
+
+#[test]
+fn rewrites_on_three_threads_match_tract_on_one() {
+    // A crew of two helpers shares out GEMM blocks, whole groups, and the planes of pools,
+    // depthwise convolutions and affine passes (SqueezeNet's are large enough to be split).
+    for rel in [
+        "testdata/rewrites/grouped_conv_bn.onnx",
+        "testdata/rewrites/gemm_conv.onnx",
+        "testdata/rewrites/depthwise_conv.onnx",
+        "testdata/rewrites/lrn.onnx",
+        "testdata/rewrites/max_pool.onnx",
+        "squeezenet/model.onnx",
+    ] {
+        let ours = prepare_with(rel, true, 3, None);
+        let theirs = prepare(rel, false);
+        outputs_match(rel, &ours, &theirs);
+    }
 }
 
 #[test]
