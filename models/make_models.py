@@ -232,6 +232,33 @@ def make_rewrite_graphs():
         const("b2", [70]), const("s2", [1, 70, 1, 1]), const("a2", [70, 1, 1]),
         const("w3", [9, 21, 5, 5]),
     ]))
+    # Residual blocks for GemmConv's epilogue and strided 1x1 convolutions (tract's Downsample
+    # ops before an EinSum), on 12 and 20 channels, a batch of 2: a 3x3 convolution + batch
+    # norm + the block's input + ReLU; two 1x1/2 convolutions on an odd 9x10 input (a scaled
+    # projection, and one followed by a 3x3) summed without a ReLU; a 1x1 convolution padded
+    # after (its output larger than its input: not read directly); a 1x1 with strides 3x2
+    # added to itself (x + x: no second input to take, left alone).
+    files.append(save("residual_conv", [
+        n("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("BatchNormalization", ["c1", "g1", "o1", "m1", "v1"], ["n1"], epsilon=1e-5),
+        n("Add", ["n1", "x"], ["s1"]), n("Relu", ["s1"], ["r1"]),
+        n("Conv", ["r1", "wp"], ["p"], kernel_shape=[1, 1], strides=[2, 2]),
+        n("Mul", ["p", "sp"], ["p2"]),
+        n("Conv", ["r1", "wm", "bm"], ["m"], kernel_shape=[1, 1], strides=[2, 2]),
+        n("Conv", ["m", "wm2"], ["m2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("Add", ["p2", "m2"], ["y1"]),
+        n("Conv", ["y1", "wq", "bq"], ["y2"], kernel_shape=[1, 1], pads=[0, 0, 1, 1]),
+        n("Conv", ["r1", "wz"], ["z"], kernel_shape=[1, 1], strides=[3, 2]),
+        n("Add", ["z", "z"], ["y3"]),
+    ], [vi("x", [2, 12, 9, 10])], [
+        vi("y1", [2, 20, 5, 5]), vi("y2", [2, 7, 6, 6]), vi("y3", [2, 6, 3, 5]),
+    ], [
+        const("w1", [12, 12, 3, 3], -0.3, 0.3), const("b1", [12]), const("g1", [12], 0.5, 1.5),
+        const("o1", [12]), const("m1", [12]), const("v1", [12], 0.1, 2.0),
+        const("wp", [20, 12, 1, 1]), const("sp", [1, 20, 1, 1]),
+        const("wm", [20, 12, 1, 1]), const("bm", [20]), const("wm2", [20, 20, 3, 3], -0.3, 0.3),
+        const("wq", [7, 20, 1, 1]), const("bq", [7]), const("wz", [6, 12, 1, 1]),
+    ]))
     # GoogLeNet's LRN and one with another size, exponent and bias, on 7 channels.
     files.append(save("lrn", [
         n("LRN", ["x"], ["l1"], size=5, alpha=1e-4, beta=0.75, bias=1.0),
@@ -247,6 +274,28 @@ def make_rewrite_graphs():
     ], [vi("x", [1, 3, 11, 10])], [
         vi("y1", [1, 3, 6, 5]), vi("y2", [1, 3, 6, 5]), vi("y3", [1, 3, 11, 10]),
         vi("y4", [1, 3, 10, 4]), vi("y5", [1, 3, 4, 4]),
+    ], []))
+    # Depthwise convolutions on wider planes than depthwise_conv's: 3x3 padded on 20x37 and
+    # 5x5 with stride 2 (10x19 outputs), on 4 channels.
+    files.append(save("depthwise_wide", [
+        n("Conv", ["x", "w1", "b1"], ["y1"], group=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        n("Conv", ["x", "w2"], ["y2"], group=4, kernel_shape=[5, 5], strides=[2, 2],
+          pads=[2, 2, 2, 2]),
+    ], [vi("x", [1, 4, 20, 37])], [vi("y1", [1, 4, 20, 37]), vi("y2", [1, 4, 10, 19])],
+        [const("w1", [4, 1, 3, 3]), const("b1", [4]), const("w2", [4, 1, 5, 5])]))
+    # Average pools that do not count padding (ONNX's default): ShuffleNet's 3x3/2 padded,
+    # DenseNet's 2x2/2, GoogLeNet's 7x7 padded after, one in ceil mode; and one that counts
+    # padding, left to tract. On 5 channels, a batch of 2.
+    files.append(save("avg_pool", [
+        n("AveragePool", ["x"], ["y1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        n("AveragePool", ["x"], ["y2"], kernel_shape=[2, 2], strides=[2, 2]),
+        n("AveragePool", ["x"], ["y3"], kernel_shape=[7, 7], pads=[0, 0, 1, 1]),
+        n("AveragePool", ["x"], ["y4"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        n("AveragePool", ["x"], ["y5"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+          count_include_pad=1),
+    ], [vi("x", [2, 5, 11, 10])], [
+        vi("y1", [2, 5, 6, 5]), vi("y2", [2, 5, 5, 5]), vi("y3", [2, 5, 6, 5]),
+        vi("y4", [2, 5, 6, 5]), vi("y5", [2, 5, 6, 5]),
     ], []))
     for rel in files:
         onnx.checker.check_model(os.path.join(HERE, rel))

@@ -1,18 +1,27 @@
 //! GFLOP/s of our convolution matrix multiply (`rewrite::gemm`) on its own, on the shapes of
-//! ResNet-50's layers (`M` output channels, `K` = input channels x kernel taps, `N` output
-//! positions), on one thread and on all cores, best of 20
-//! runs each, alternated so that machine noise hits both alike. Prints a Markdown table.
+//! SqueezeNet's first layer and ResNet-50's layers (`M` output channels, `K` = input channels x
+//! kernel taps, `N` output positions), on one thread and on all cores, best of 20 runs each,
+//! alternated so that machine noise hits both alike; for 3x3 and 7x7 layers also on one
+//! thread with whole phase rows (no `wrap`), counting only the output's columns.
+//! Prints a Markdown table.
 //!
 //! Usage: gemm_shapes
 
-use plaster_agent::inference::rewrite::gemm::{self, PackedA, RowsB};
+use plaster_agent::inference::rewrite::gemm::{self, Epilogue, PackedA, RowsB};
 use plaster_agent::inference::warm::Crew;
 use std::time::Instant;
 
 /// Name, `M`, `K`, `N`, and how GemmConv reads `B`'s columns (`RowsB::wrap`: output rows of
 /// `ow` read from phase rows `ow + 2` or `+ 3` wide).
 type Shape = (&'static str, usize, usize, usize, Option<[usize; 2]>);
-const SHAPES: [Shape; 9] = [
+const SHAPES: [Shape; 10] = [
+    (
+        "SqueezeNet conv1 3x3/2, 111x111",
+        64,
+        27,
+        111 * 111,
+        Some([111, 112]),
+    ),
     ("conv1 7x7/2, 112x112", 64, 147, 112 * 112, Some([112, 115])),
     ("3x3 64, 56x56", 64, 576, 56 * 56, Some([56, 58])),
     ("1x1 64 -> 256, 56x56", 256, 64, 3136, None),
@@ -38,8 +47,10 @@ fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism()?.get();
     let crew = Crew::new(cores - 1);
     let _hot = crew.hold();
-    println!("| layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup | 1 thread, wide rows |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, m, k, n, wrap) in SHAPES {
         let a = PackedA::new(&values(m * k, 1), m, k, &values(m, 3));
         let span = wrap.map_or(n, |[width, pitch]| n / width * pitch);
@@ -51,18 +62,36 @@ fn main() -> anyhow::Result<()> {
             n,
             wrap,
         };
-        let mut c = vec![0f32; m * n];
-        let mut best = [f64::MAX; 2];
+        // The same rows read whole (the phase rows' extra columns computed and dropped),
+        // the way GemmConv read them before `wrap`: GFLOP/s of the useful columns.
+        let wide = RowsB {
+            base: &b,
+            offsets: &offsets,
+            n: span,
+            wrap: None,
+        };
+        let mut c = vec![0f32; m * span];
+        let mut best = [f64::MAX; 3];
         for _ in 0..20 {
-            for (slot, threads) in [None, Some(&crew)].into_iter().enumerate() {
+            for (slot, (b, threads)) in [(&rows, None), (&rows, Some(&crew)), (&wide, None)]
+                .into_iter()
+                .enumerate()
+            {
+                if slot == 2 && wrap.is_none() {
+                    continue;
+                }
                 let t = Instant::now();
-                gemm::multiply(&a, &rows, &mut c, n, true, threads);
+                gemm::multiply(&a, b, &mut c, b.n, Epilogue::relu(true), threads);
                 best[slot] = best[slot].min(t.elapsed().as_secs_f64());
             }
         }
         let gflop = 2.0 * (m * k * n) as f64 / 1e9;
+        let wide = match wrap {
+            Some(_) => format!("{:.1}", gflop / best[2]),
+            None => "-".to_string(),
+        };
         println!(
-            "| {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} |",
+            "| {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} | {wide} |",
             gflop / best[0],
             gflop / best[1],
             best[0] / best[1]

@@ -209,11 +209,14 @@ impl Broker {
 
     fn write_mosquitto_conf(&self) -> PathBuf {
         let dir = self.dir.path();
-        // Settings per listener: the plain one stays anonymous for test clients.
+        // Settings per listener: the plain one stays anonymous for test clients. `user root`:
+        // started as root (CI), mosquitto would otherwise drop to the `mosquitto` user, which
+        // cannot write the saved sessions into this root-owned directory, and a restart would
+        // lose what it had queued for persistent clients; as any other user it has no effect.
         let mut conf = format!(
             "per_listener_settings true\nlog_dest stderr\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             persistence true\npersistence_location {}/\n\
+             persistence true\npersistence_location {}/\nuser root\n\
              listener {} 127.0.0.1\nallow_anonymous true\n",
             dir.display(),
             self.port
@@ -260,6 +263,18 @@ impl Broker {
                 .arg(child.id().to_string())
                 .status();
             let _ = child.wait();
+            if self.kind == Kind::Mosquitto {
+                // Every line it wrote: the log's sender ends with its stderr.
+                let errors: Vec<String> = self
+                    .log
+                    .iter()
+                    .filter(|line| line.contains("Error"))
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "mosquitto did not save its sessions on stop: {errors:?}"
+                );
+            }
         }
     }
 

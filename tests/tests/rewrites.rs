@@ -166,10 +166,58 @@ fn convolutions_as_our_matrix_multiply_match_tract() {
     assert_eq!(outputs.len(), 3);
 }
 
+/// The op kinds left in the plan (one profiled run).
+fn op_kinds(prepared: &PreparedModel) -> Vec<String> {
+    let inputs = normal_inputs(prepared, 0);
+    let profile = prepared
+        .profile(&[inputs], std::time::Duration::ZERO)
+        .unwrap();
+    profile.ops.into_iter().map(|op| op.op).collect()
+}
+
+#[test]
+fn residual_adds_and_strided_1x1_convolutions_go_into_the_matrix_multiply() {
+    // A residual block (3x3 + batch norm + its input + ReLU), two 1x1/2 convolutions on 9x10
+    // summed, a 1x1 padded after, and a 1x1 with strides 3x2 added to itself.
+    let rel = "testdata/rewrites/residual_conv.onnx";
+    let applied = rewritten_outputs_match(rel);
+    assert_eq!(
+        applied,
+        Applied {
+            gemm_convs: gemm_convs(6),
+            ..Applied::default()
+        }
+    );
+    let theirs = op_kinds(&prepare(rel, false));
+    assert!(theirs.iter().any(|op| op == "Downsample"), "{theirs:?}");
+    if rewrite::gemm_kernel_available() {
+        // The two residual adds went into epilogues and the downsampling into the
+        // convolutions; only x + x is left to tract.
+        let ours = op_kinds(&prepare(rel, true));
+        assert!(!ours.iter().any(|op| op == "Downsample"), "{ours:?}");
+        let adds = ours.iter().filter(|op| op.contains("Add")).count();
+        assert_eq!(adds, 1, "{ours:?}");
+    }
+}
+
 #[test]
 fn depthwise_convolutions_over_rows_match_tract() {
     // A 5x3 window with asymmetric padding and no bias; a 3x3 window with strides 2x3.
     let applied = rewritten_outputs_match("testdata/rewrites/depthwise_conv.onnx");
+    assert_eq!(
+        applied,
+        Applied {
+            depthwise_convs: 2,
+            ..Applied::default()
+        }
+    );
+}
+
+#[test]
+fn depthwise_convolutions_on_wide_planes_match_tract() {
+    // 3x3 padded on 20x37 and 5x5 with stride 2 on 10x19: planes of many runs, and ends of
+    // runs past the output that must be dropped.
+    let applied = rewritten_outputs_match("testdata/rewrites/depthwise_wide.onnx");
     assert_eq!(
         applied,
         Applied {
@@ -207,6 +255,24 @@ fn max_pools_over_rows_match_tract() {
 }
 
 #[test]
+fn average_pools_over_rows_match_tract() {
+    // 3x3/2 padded, 2x2/2, 7x7 padded after, 2x2/2 in ceil mode: the divisor is the window's
+    // cells inside the input. One that counts padding stays tract's.
+    let rel = "testdata/rewrites/avg_pool.onnx";
+    let applied = rewritten_outputs_match(rel);
+    assert_eq!(
+        applied,
+        Applied {
+            avg_pools: 4,
+            ..Applied::default()
+        }
+    );
+    let ours = op_kinds(&prepare(rel, true));
+    assert!(ours.iter().any(|op| op == "RowAvgPool"), "{ours:?}");
+    assert!(ours.iter().any(|op| op.contains("SumPool")), "{ours:?}");
+}
+
+#[test]
 fn every_bundled_model_matches_tract_with_rewrites() {
     assert_eq!(rewritten_outputs_match("digits"), Applied::default());
     let squeezenet = rewritten_outputs_match("squeezenet/model.onnx");
@@ -224,8 +290,11 @@ fn rewrites_on_three_threads_match_tract_on_one() {
         "testdata/rewrites/grouped_conv_bn.onnx",
         "testdata/rewrites/gemm_conv.onnx",
         "testdata/rewrites/depthwise_conv.onnx",
+        "testdata/rewrites/depthwise_wide.onnx",
         "testdata/rewrites/lrn.onnx",
         "testdata/rewrites/max_pool.onnx",
+        "testdata/rewrites/avg_pool.onnx",
+        "testdata/rewrites/residual_conv.onnx",
         "squeezenet/model.onnx",
     ] {
         let ours = prepare_with(rel, true, 3, None);

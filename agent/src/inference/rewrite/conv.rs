@@ -7,21 +7,25 @@
 //! zero-padded stride phases (`Window2d::split`, as for depthwise convolutions), after which
 //! every kernel tap `(c, ky, kx)` reads, for each output row, one contiguous run of a phase
 //! plane's row (`RowsB::wrap`: the phase rows are a few columns wider than the output's, and
-//! only the output's columns are packed and computed). The per-channel multiply / add chain
-//! and the ReLU that follow the convolution are folded into its kernel, bias and the kernel's
-//! epilogue.
+//! only the output's columns are packed and computed); a strided 1x1 convolution reads a
+//! subsampled copy of its input (tract's `Downsample`s before it are absorbed). The per-channel
+//! multiply / add chain that follows the convolution is folded into its kernel and bias, and a
+//! residual connection's add and the ReLU into the kernel's epilogue.
 
 use std::cell::RefCell;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::Downsample;
 
-use super::affine::{compose, steps_after};
-use super::gemm::{self, PackedA, RowsB};
+use super::affine::{compose, step_of, steps_after, Step};
+use super::gemm::{self, Epilogue, PackedA, RowsB};
 use super::geometry::Window2d;
-use super::{conv_constants, f32_values};
+use super::{conv_constants, f32_values, sole_reader};
 use crate::inference::warm::{self, Crew};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -31,9 +35,22 @@ pub struct GemmConv {
     /// One per group: `output_channels / groups` rows, `(input_channels / groups) * kh * kw`
     /// columns.
     pub groups: Vec<PackedA>,
+    /// A second input, shaped as the output, added before the ReLU: a residual connection.
+    pub residual: bool,
     pub relu: bool,
     /// `[N, C, H, W]` or `[C, H, W]`: tract may add or drop a batch axis of 1 here.
     pub output_shape: Vec<usize>,
+}
+
+/// How a convolution's `B` rows read its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// A 1x1 convolution with stride 1 and no padding: the input channels as they are.
+    Input,
+    /// A strided 1x1 convolution without padding: a copy of every `stride`-th row and column.
+    Subsampled,
+    /// Anything else: the zero-padded stride phases.
+    Phases,
 }
 
 impl Eq for GemmConv {}
@@ -51,11 +68,12 @@ impl Op for GemmConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} -> {} channels, {} group(s), {}{}",
+            "{} -> {} channels, {} group(s), {}{}{}",
             self.input_channels,
             self.output_channels(),
             self.groups.len(),
             self.geometry.info(),
+            if self.residual { ", + residual" } else { "" },
             if self.relu { ", relu" } else { "" }
         )])
     }
@@ -68,16 +86,24 @@ impl GemmConv {
         self.groups.iter().map(|g| g.m).sum()
     }
 
-    /// A 1x1 convolution with stride 1 and no padding reads its input as it is.
-    fn direct(&self) -> bool {
-        self.geometry.kernel == [1, 1]
-            && self.geometry.stride == [1, 1]
-            && self.geometry.pad_before == [0, 0]
+    /// How `B` reads an input of `h x w` planes.
+    fn read(&self, [h, w]: [usize; 2]) -> Read {
+        let g = &self.geometry;
+        let covers = [h, w]
+            .iter()
+            .zip(g.stride)
+            .map(|(len, stride)| len.div_ceil(stride))
+            .eq(g.output);
+        match (g.kernel, g.pad_before, covers) {
+            ([1, 1], [0, 0], true) if g.stride == [1, 1] => Read::Input,
+            ([1, 1], [0, 0], true) => Read::Subsampled,
+            _ => Read::Phases,
+        }
     }
 
-    /// Where row `(c, ky, kx)` of group `g`'s `B` starts: in the input (planes of `plane`
-    /// elements) when `direct`, else in the phase planes.
-    fn offsets(&self, g: usize, plane: usize) -> Vec<usize> {
+    /// Where row `(c, ky, kx)` of group `g`'s `B` starts: in planes of `plane` elements (the
+    /// input's or the subsampled copy's), or in the phase planes.
+    fn offsets(&self, g: usize, read: Read, plane: usize) -> Vec<usize> {
         let [kh, kw] = self.geometry.kernel;
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
@@ -85,7 +111,7 @@ impl GemmConv {
         let per_group = self.input_channels / self.groups.len();
         let mut offsets = Vec::with_capacity(per_group * kh * kw);
         for c in g * per_group..(g + 1) * per_group {
-            if self.direct() {
+            if read != Read::Phases {
                 offsets.push(c * plane);
                 continue;
             }
@@ -103,7 +129,9 @@ impl GemmConv {
 impl EvalOp for GemmConv {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1 + usize::from(self.residual));
+        let residual = self.residual.then(|| inputs.pop()).flatten();
         let input = args_1!(inputs);
         let shape = input.shape();
         let rank = shape.len();
@@ -122,6 +150,19 @@ impl EvalOp for GemmConv {
             "GemmConv: input {shape:?} does not give output {:?}",
             self.output_shape
         );
+        let residual = match &residual {
+            Some(r) => {
+                ensure!(
+                    r.shape().iter().product::<usize>() == n * cout * oh * ow,
+                    "GemmConv: residual {:?} is not shaped as the output {:?}",
+                    r.shape(),
+                    self.output_shape
+                );
+                Some(r.try_as_plain_ram()?)
+            }
+            None => None,
+        };
+        let residual = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
         let mut output = super::kernels::output_f32(&self.output_shape)?;
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
@@ -130,43 +171,59 @@ impl EvalOp for GemmConv {
         }
         let plane = h * w;
         let cin = self.input_channels;
-        let direct = self.direct();
+        let read = self.read([h, w]);
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
-        // A direct convolution reads the input as it is; any other reads phase planes, whose
-        // rows are `cols` wide: the output's rows are runs of `ow` columns in them.
-        let (phases_len, wrap) = if direct {
-            (0, None)
-        } else {
-            (cin * sy * sx * self.geometry.phase_len(), Some([ow, cols]))
+        // Phase planes' rows are `cols` wide: the output's rows are runs of `ow` columns in
+        // them. The input and its subsampled copy are read as they are.
+        let (scratch_len, wrap, b_plane) = match read {
+            Read::Input => (0, None, plane),
+            Read::Subsampled => (cin * oh * ow, None, oh * ow),
+            Read::Phases => (
+                cin * sy * sx * self.geometry.phase_len(),
+                Some([ow, cols]),
+                0,
+            ),
         };
         // Rows of each group's product: the same for every group.
         let rows = self.groups.first().map_or(0, |g| g.m);
         ensure!(self.groups.iter().all(|g| g.m == rows));
         let offsets: Vec<Vec<usize>> = (0..self.groups.len())
-            .map(|g| self.offsets(g, plane))
+            .map(|g| self.offsets(g, read, b_plane))
             .collect();
-        SCRATCH.with_borrow_mut(|phases| {
-            // Grown, never shrunk (a regrow would zero it again); `split` writes every element
-            // the kernel reads.
-            if phases.len() < phases_len {
-                phases.resize(phases_len, 0.0);
+        let image = cout * oh * ow;
+        SCRATCH.with_borrow_mut(|scratch| {
+            // Grown, never shrunk (a regrow would zero it again); `split` and `subsample`
+            // write every element the kernel reads.
+            if scratch.len() < scratch_len {
+                scratch.resize(scratch_len, 0.0);
             }
-            for (x, y) in x
+            for (i, (x, y)) in x
                 .chunks_exact(cin * plane)
-                .zip(y.chunks_exact_mut(cout * oh * ow))
+                .zip(y.chunks_exact_mut(image))
+                .enumerate()
             {
-                let base: &[f32] = if direct {
-                    x
-                } else {
-                    for (x, phases) in x
-                        .chunks_exact(plane)
-                        .zip(phases.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
-                    {
-                        self.geometry.split(x, [h, w], phases);
+                let base: &[f32] = match read {
+                    Read::Input => x,
+                    Read::Subsampled => {
+                        for (x, copy) in
+                            x.chunks_exact(plane).zip(scratch.chunks_exact_mut(oh * ow))
+                        {
+                            self.geometry.subsample(x, [h, w], copy);
+                        }
+                        scratch
                     }
-                    phases
+                    Read::Phases => {
+                        for (x, phases) in x
+                            .chunks_exact(plane)
+                            .zip(scratch.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
+                        {
+                            self.geometry.split(x, [h, w], phases);
+                        }
+                        scratch
+                    }
                 };
+                let residual = residual.map(|r| &r[i * image..][..image]);
                 let product = |g: usize, c: &mut [f32], crew: Option<&Crew>| {
                     let b = RowsB {
                         base,
@@ -174,7 +231,11 @@ impl EvalOp for GemmConv {
                         n: oh * ow,
                         wrap,
                     };
-                    gemm::multiply(&self.groups[g], &b, c, oh * ow, self.relu, crew);
+                    let epilogue = Epilogue {
+                        add: residual.map(|r| &r[g * rows * oh * ow..][..rows * oh * ow]),
+                        relu: self.relu,
+                    };
+                    gemm::multiply(&self.groups[g], &b, c, oh * ow, epilogue, crew);
                 };
                 if self.groups.len() == 1 {
                     warm::with_current(|crew| product(0, y, crew));
@@ -344,10 +405,83 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
     })
 }
 
+/// tract declutters a strided 1x1 convolution into `Downsample`s on the height and width axes
+/// before a stride-1 one: the convolution reads through them (`Read::Subsampled`), so that
+/// nothing copies the subsampled input but the convolution itself.
+fn through_downsamples(model: &TypedModel, found: &mut Found) {
+    let g = &found.geometry;
+    if g.kernel != [1, 1] || g.stride != [1, 1] || g.pad_before != [0, 0] {
+        return;
+    }
+    let mut stride = [1, 1];
+    let mut input = found.input;
+    while let Some(down) = model.node(input.node).op_as::<Downsample>() {
+        let node = model.node(input.node);
+        let Ok(fact) = model.outlet_fact(node.inputs[0]) else {
+            break;
+        };
+        let rank = fact.rank();
+        let axis = match down.axis.checked_sub(rank.saturating_sub(2)) {
+            Some(axis @ (0 | 1)) => axis,
+            _ => break,
+        };
+        // Another reader of the subsampled input (tract shares one `Downsample` between the
+        // strided convolutions of a residual block) keeps it, or reads through it as well.
+        if down.modulo != 0 || down.stride < 1 || stride[axis] != 1 {
+            break;
+        }
+        stride[axis] = down.stride as usize;
+        input = node.inputs[0];
+    }
+    let Some(shape) = model
+        .outlet_fact(input)
+        .ok()
+        .and_then(|f| f.shape.as_concrete().map(<[usize]>::to_vec))
+    else {
+        return;
+    };
+    let spatial = &shape[shape.len().saturating_sub(2)..];
+    let covers = spatial.len() == 2
+        && spatial
+            .iter()
+            .zip(stride)
+            .map(|(len, s)| len.div_ceil(s))
+            .eq(found.geometry.output);
+    if stride != [1, 1] && covers {
+        found.input = input;
+        found.geometry.stride = stride;
+    }
+}
+
+/// The residual connection's add right after `tail` (a convolution's output, or the end of the
+/// chain after it): `tail + other`, both of the sum's shape; `other` becomes the `GemmConv`'s
+/// second input. It cannot depend on the convolution: every path from the convolution runs
+/// through the chain (each step the sole reader of the one before) to this add.
+fn residual_add(model: &TypedModel, tail: OutletId) -> Option<(&TypedNode, OutletId)> {
+    let add = sole_reader(model, tail)?;
+    let bin = add.op_as::<TypedBinOp>()?;
+    if !bin.0.is::<Add>()
+        || add.inputs.len() != 2
+        || bin.1.is_some_and(|dt| dt != f32::datum_type())
+    {
+        return None;
+    }
+    let slot = add.inputs.iter().position(|i| *i == tail)?;
+    let other = add.inputs[1 - slot];
+    let sum = &add.outputs[0].fact;
+    for outlet in [tail, other] {
+        let fact = model.outlet_fact(outlet).ok()?;
+        if fact.konst.is_some() || fact.datum_type != f32::datum_type() || fact.shape != sum.shape {
+            return None;
+        }
+    }
+    (other != tail).then_some((add, other))
+}
+
 /// Replaces every f32 convolution that is not depthwise (NCHW or CHW, no dilation, constant
-/// kernel, concrete shapes; tract's `Conv`, or the `EinSum` a 1x1 one becomes) and the
-/// multiply / add / ReLU chain after it with a `GemmConv`, on CPUs that have the
-/// micro-kernel; returns how many.
+/// kernel, concrete shapes; tract's `Conv`, or the `EinSum` a 1x1 one becomes, with the
+/// `Downsample`s of a strided one) and the multiply / add chain, residual add and ReLU after it
+/// with a `GemmConv`, on CPUs that have the micro-kernel; returns how many.
 pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
@@ -362,7 +496,11 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         } else {
             None
         };
-        let Some(Found {
+        let Some(mut found) = found else {
+            continue;
+        };
+        through_downsamples(model, &mut found);
+        let Found {
             input,
             geometry,
             input_channels,
@@ -370,23 +508,38 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
             mut weights,
             mut bias,
             output_shape,
-        }) = found
-        else {
-            continue;
-        };
+        } = found;
         let cout = bias.len();
         let channel_axis = output_shape.len() - 3;
         let chain = steps_after(model, OutletId::new(id, 0), true, channel_axis);
         let affine = compose(&chain.steps);
-        let (nodes, relu) = if affine.scale.is_empty() || affine.scale.len() == cout {
+        let [kh, kw] = geometry.kernel;
+        let k = input_channels / groups * kh * kw;
+        let (mut nodes, mut relu) = if affine.scale.is_empty() || affine.scale.len() == cout {
+            if !affine.scale.is_empty() {
+                affine.fold_into(&mut weights, k, &mut bias);
+            }
             (chain.nodes, affine.relu)
         } else {
             (vec![], false)
         };
-        let [kh, kw] = geometry.kernel;
-        let k = input_channels / groups * kh * kw;
-        if !affine.scale.is_empty() && !nodes.is_empty() {
-            affine.fold_into(&mut weights, k, &mut bias);
+        // A residual connection's add (and a ReLU after it) right after: the epilogue's.
+        let mut residual = None;
+        if !relu {
+            let tail = OutletId::new(nodes.last().copied().unwrap_or(id), 0);
+            if let Some((add, other)) = residual_add(model, tail) {
+                nodes.push(add.id);
+                residual = Some(other);
+                let sum = OutletId::new(add.id, 0);
+                if let Some(next) = sole_reader(model, sum) {
+                    if let Some((Step::Relu, slot)) = step_of(model, next, channel_axis) {
+                        if next.inputs[slot] == sum {
+                            nodes.push(next.id);
+                            relu = true;
+                        }
+                    }
+                }
+            }
         }
         let m = cout / groups;
         let op = GemmConv {
@@ -395,13 +548,17 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
             groups: (0..groups)
                 .map(|g| PackedA::new(&weights[g * m * k..][..m * k], m, k, &bias[g * m..][..m]))
                 .collect(),
+            residual: residual.is_some(),
             relu,
             output_shape,
         };
         let last = nodes.last().copied().unwrap_or(id);
         let mut patch = TypedModelPatch::new(format!("gemm conv {}", node.name));
-        let input = patch.tap_model(model, input)?;
-        let out = patch.wire_node(format!("{}.gemm", node.name), op, &[input])?[0];
+        let mut taps = vec![patch.tap_model(model, input)?];
+        if let Some(other) = residual {
+            taps.push(patch.tap_model(model, other)?);
+        }
+        let out = patch.wire_node(format!("{}.gemm", node.name), op, &taps)?[0];
         patch.shunt_outside(model, OutletId::new(last, 0), out)?;
         patch.apply(model)?;
         replaced += 1;

@@ -3,9 +3,9 @@
 //!
 //! tract's `DepthWiseConv` has no AVX path on x86 and runs strided cases element by element.
 //! Here each channel's plane is split once into zero-padded stride phases, after which every
-//! kernel tap is one contiguous `y += w * x` over the whole output plane (computed a few
-//! columns wide, then trimmed), whatever the stride and padding: `kh * kw` long vector
-//! multiply-adds per channel instead of one short one per output row and tap.
+//! kernel tap reads one contiguous run over the whole output plane (computed a few columns
+//! wide, then trimmed), whatever the stride and padding; all taps are summed in one pass with
+//! the sums in registers (`kernels::taps`): one call per plane, not one per row and tap.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -41,24 +41,34 @@ impl Op for RowDepthwiseConv {
     op_as_typed_op!();
 }
 
+/// The plane is computed in whole runs of this many outputs (`kernels::taps`' vector): the
+/// buffers have this much slack, so no output is left to a scalar tail loop.
+const RUN: usize = 16;
+
 impl RowDepthwiseConv {
-    /// One channel: every tap is one multiply-add over all output rows at once, computed
-    /// `cols` wide (the columns past the output's width are dropped at the end).
-    fn plane(&self, c: usize, phases: &[f32], wide: &mut [f32], y: &mut [f32]) {
-        let [oh, ow] = self.geometry.output;
+    /// Where tap `(ky, kx)` of the first output row reads in the phase planes, row-major.
+    fn tap_offsets(&self) -> Vec<usize> {
         let [kh, kw] = self.geometry.kernel;
         let [sy, sx] = self.geometry.stride;
         let [_, cols] = self.geometry.phase_dims();
         let size = self.geometry.phase_len();
+        (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| ((ky % sy) * sx + kx % sx) * size + (ky / sy) * cols + kx / sx)
+            .collect()
+    }
+
+    /// One channel, every tap at once (`kernels::taps`) over all output rows, computed `cols`
+    /// wide (the columns past the output's width, and the run's slack, dropped at the end):
+    /// one call per plane, whatever its width, and no scalar tail (row by row, a 28-wide row
+    /// left 12 of its outputs to one).
+    fn plane(&self, c: usize, phases: &[f32], taps: &[usize], wide: &mut [f32], y: &mut [f32]) {
+        let [oh, ow] = self.geometry.output;
+        let [kh, kw] = self.geometry.kernel;
+        let [_, cols] = self.geometry.phase_dims();
         let weights = &self.weights[c * kh * kw..][..kh * kw];
-        wide.fill(self.bias[c]);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let phase = &phases[((ky % sy) * sx + kx % sx) * size..][..size];
-                let start = (ky / sy) * cols + kx / sx;
-                kernels::axpy(wide, &phase[start..][..oh * cols], weights[ky * kw + kx]);
-            }
-        }
+        let wide = &mut wide[..(oh * cols).next_multiple_of(RUN)];
+        kernels::taps(wide, phases, taps, weights, self.bias[c]);
         for (out, wide) in y.chunks_exact_mut(ow).zip(wide.chunks_exact(cols)) {
             out.copy_from_slice(&wide[..ow]);
         }
@@ -84,14 +94,16 @@ impl EvalOp for RowDepthwiseConv {
             let [sy, sx] = self.geometry.stride;
             let [kh, kw] = self.geometry.kernel;
             let work_size = y.len() * kh * kw;
+            let taps = self.tap_offsets();
             // Planes shared out over the inference's crew, each part with its own buffers.
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
-                let mut phases = vec![0f32; sy * sx * self.geometry.phase_len()];
-                let mut wide = vec![0f32; oh * cols];
+                // Slack after the last phase for the last run's reads (zeros, never output).
+                let mut phases = vec![0f32; sy * sx * self.geometry.phase_len() + RUN];
+                let mut wide = vec![0f32; (oh * cols).next_multiple_of(RUN)];
                 for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
                     self.geometry
                         .split(&x[ix * h * w..][..h * w], [h, w], &mut phases);
-                    self.plane(ix % channels, &phases, &mut wide, y);
+                    self.plane(ix % channels, &phases, &taps, &mut wide, y);
                 }
             });
         }

@@ -1,4 +1,4 @@
-//! A blocked f32 matrix multiply for convolutions, `C = relu?(A B + bias)`, with an AVX-512
+//! A blocked f32 matrix multiply for convolutions, `C = relu?(A B + bias (+ R))`, with an AVX-512
 //! micro-kernel: `A` is a convolution's kernel (packed once, when the model is prepared), `B`
 //! is read as rows of the (phase-split) input at given offsets, so a convolution needs no
 //! im2col buffer, and `C` is written in place of the output.
@@ -37,8 +37,12 @@ pub fn available() -> bool {
     }
 }
 
-/// `A` (`m x k`, row-major on input) packed in `MR`-row panels, `panel[p][k][r]`, zero rows
-/// past `m`, and the bias padded the same way.
+/// `A` (`m x k`, row-major on input) packed in `MR`-row panels, zero rows past `m`, and the
+/// bias padded the same way. The panels are cut into the `KC`-long blocks of `k` the multiply
+/// runs, and a block's panels lie one after another, `block[p][kk][r]`: the multiply reads
+/// them in that order, so a convolution's weights (read once per inference, from memory, for
+/// the deep layers) stream through the prefetcher instead of in `KC x MR` pieces a whole
+/// panel apart.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedA {
     pub m: usize,
@@ -54,9 +58,11 @@ impl PackedA {
         let count = m.div_ceil(MR);
         let mut panels = vec![0f32; count * k * MR];
         for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
-            let panel = &mut panels[(row / MR) * k * MR..][..k * MR];
-            for (kk, v) in values.iter().enumerate() {
-                panel[kk * MR + row % MR] = *v;
+            for (k0, block) in values.chunks(KC).enumerate().map(|(b, v)| (b * KC, v)) {
+                let panel = &mut panels[(k0 * count + (row / MR) * block.len()) * MR..];
+                for (kk, v) in block.iter().enumerate() {
+                    panel[kk * MR + row % MR] = *v;
+                }
             }
         }
         let mut padded = bias.to_vec();
@@ -69,8 +75,11 @@ impl PackedA {
         }
     }
 
+    /// Panel `p`'s part of the block `ks` of `k` (one of the multiply's `KC` blocks).
     fn panel(&self, p: usize, ks: Range<usize>) -> &[f32] {
-        &self.panels[(p * self.k + ks.start) * MR..(p * self.k + ks.end) * MR]
+        debug_assert!(ks.start.is_multiple_of(KC) && ks.end == (ks.start + KC).min(self.k));
+        let count = self.m.div_ceil(MR);
+        &self.panels[(ks.start * count + p * ks.len()) * MR..][..ks.len() * MR]
     }
 }
 
@@ -127,15 +136,30 @@ thread_local! {
     static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `c = relu?(a b + bias)`: `c` is `a.m x ldc`, row-major, columns `0..b.n` written. With a
-/// crew of several threads and enough work, the columns are split between them (each packs
-/// only its own part of `B`); when there are too few columns for that, the rows are.
+/// What the last block of `k` does to a tile's sums before it stores them: adds `add` (laid
+/// out as `C`: a residual connection's other branch), then applies the ReLU.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    pub add: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    pub fn relu(relu: bool) -> Epilogue<'static> {
+        Epilogue { add: None, relu }
+    }
+}
+
+/// `c = relu?(a b + bias (+ add))` (`epilogue`): `c` (and `add`) are `a.m x ldc`, row-major,
+/// columns `0..b.n` written. With a crew of several threads and enough work, the columns are
+/// split between them (each packs only its own part of `B`); when there are too few columns
+/// for that, the rows are.
 pub fn multiply(
     a: &PackedA,
     b: &RowsB,
     c: &mut [f32],
     ldc: usize,
-    relu: bool,
+    epilogue: Epilogue,
     crew: Option<&Crew>,
 ) {
     assert!(available(), "the GEMM micro-kernel needs AVX-512");
@@ -150,9 +174,14 @@ pub fn multiply(
         return;
     }
     assert!(c.len() >= (a.m - 1) * ldc + b.n);
+    assert!(epilogue
+        .add
+        .is_none_or(|r| r.len() >= (a.m - 1) * ldc + b.n));
     let out = Out {
         c: c.as_mut_ptr(),
+        add: epilogue.add.map(<[f32]>::as_ptr),
         ldc,
+        relu: epilogue.relu,
     };
     let threads = crew.map_or(1, Crew::threads);
     let blocks: Vec<(Range<usize>, Range<usize>)> =
@@ -175,7 +204,7 @@ pub fn multiply(
         let (rows, cols) = blocks[part].clone();
         // SAFETY: the blocks are disjoint and inside `c` (checked above), which `multiply`
         // borrows mutably until every block is done.
-        PACK.with_borrow_mut(|pack| unsafe { block(a, b, rows, cols, &out, relu, pack) })
+        PACK.with_borrow_mut(|pack| unsafe { block(a, b, rows, cols, &out, pack) })
     };
     match crew {
         Some(crew) if blocks.len() > 1 => crew.run(blocks.len(), &work),
@@ -183,13 +212,15 @@ pub fn multiply(
     }
 }
 
-/// `C`'s element `(i, j)` is at `c + i * ldc + j`.
+/// `C`'s element `(i, j)` is at `c + i * ldc + j`, and the epilogue's `add`'s likewise.
 struct Out {
     c: *mut f32,
+    add: Option<*const f32>,
     ldc: usize,
+    relu: bool,
 }
 
-// SAFETY: threads write disjoint blocks of `C` through it (`multiply`).
+// SAFETY: threads write disjoint blocks of `C` through it (`multiply`); `add` is only read.
 unsafe impl Sync for Out {}
 
 /// The rows `rows` (starting on an `MR` panel) and columns `cols` of `C`: the work of one
@@ -204,7 +235,6 @@ unsafe fn block(
     rows: Range<usize>,
     cols: Range<usize>,
     out: &Out,
-    relu: bool,
     pack: &mut Vec<f32>,
 ) {
     assert!(rows.start.is_multiple_of(MR) && rows.end <= a.m && cols.end <= b.n);
@@ -241,9 +271,14 @@ unsafe fn block(
                             rows: MR.min(rows.end - r0),
                             cols: tile_cols,
                             bias: first.then(|| &a.bias[r0..r0 + MR]),
-                            relu: last && relu,
+                            relu: last && out.relu,
+                            add: out
+                                .add
+                                .filter(|_| last)
+                                .map(|add| add.wrapping_add(r0 * out.ldc + j0 + j)),
                         };
-                        // SAFETY: the tile is inside the block (the caller's promise).
+                        // SAFETY: the tile is inside the block (the caller's promise), and
+                        // so inside `add`, which is as long as `C` (checked in `multiply`).
                         unsafe { tile.run(out.c.add(r0 * out.ldc + j0 + j), out.ldc) };
                     }
                 }
@@ -296,6 +331,9 @@ struct Tile<'a> {
     cols: usize,
     /// Start from the bias (the first `KC` block), else from what `c` holds.
     bias: Option<&'a [f32]>,
+    /// The epilogue (the last `KC` block): add what `add` holds at the tile's positions (as
+    /// `c`'s, `ldc` apart), then the ReLU.
+    add: Option<*const f32>,
     relu: bool,
 }
 
@@ -303,7 +341,8 @@ impl Tile<'_> {
     /// `c[r * ldc + j]` for `r < rows`, `j < cols`, `c` at the tile's corner.
     ///
     /// # Safety
-    /// Those elements are inside one buffer, and no other thread touches them meanwhile.
+    /// Those elements are inside one buffer, and no other thread touches them meanwhile;
+    /// with `add`, the same elements from it are inside one buffer.
     unsafe fn run(&self, c: *mut f32, ldc: usize) {
         let vectors = self.cols.div_ceil(LANES);
         assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= NR);
@@ -321,7 +360,7 @@ impl Tile<'_> {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (c, ldc, vectors, self.relu);
+        let _ = (c, ldc, vectors, self.relu, self.add);
     }
 }
 
@@ -330,6 +369,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Tile, LANES, MR};
+
+    /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
+    const PREFETCH_A: usize = 1024;
 
     /// `dst = src` (equal lengths) in masked 16-lane moves: masked-off lanes are neither read
     /// nor written, so nothing past either slice is touched.
@@ -381,6 +423,10 @@ mod avx512 {
         let mut a = t.a.as_ptr();
         let mut b = t.b.as_ptr();
         for _ in 0..t.kc {
+            // `A`'s panels follow one another in memory (`PackedA`): fetch the line
+            // `PREFETCH_A` bytes ahead, into this panel's rest or the next one, so that the
+            // weights' trip from memory overlaps the arithmetic. A prefetch never faults.
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
             let mut bv = [_mm512_setzero_ps(); V];
             for v in 0..V {
                 bv[v] = _mm512_loadu_ps(b.add(v * LANES));
@@ -393,6 +439,16 @@ mod avx512 {
             }
             a = a.add(MR);
             b = b.add(V * LANES);
+        }
+        if let Some(add) = t.add {
+            for r in 0..MR {
+                if r < t.rows {
+                    for v in 0..V {
+                        let at = add.wrapping_add(r * ldc + v * LANES);
+                        acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(masks[v], at));
+                    }
+                }
+            }
         }
         if t.relu {
             let zero = _mm512_setzero_ps();
@@ -465,12 +521,17 @@ mod tests {
             let expected = reference(&a, &b, &bias, m, k, n);
             // B contiguous, and in runs of 7 columns 9 apart (a convolution's 7-wide output
             // rows read from 9-wide phase rows); the gaps hold NaN, which must not be read.
-            for (wrap, relu, crew) in [
-                (None, false, None),
-                (None, true, None),
-                (None, false, Some(&crew)),
-                (Some([7, 9]), false, None),
-                (Some([7, 9]), true, Some(&crew)),
+            // With a residual added before the ReLU (negative and positive values, so the
+            // order of the two shows).
+            for (wrap, relu, crew, residual) in [
+                (None, false, None, false),
+                (None, true, None, false),
+                (None, false, Some(&crew), false),
+                (Some([7, 9]), false, None, false),
+                (Some([7, 9]), true, Some(&crew), false),
+                (None, true, None, true),
+                (Some([7, 9]), true, Some(&crew), true),
+                (None, false, Some(&crew), true),
             ] {
                 let (width, pitch) = wrap.map_or((n, n), |[w, p]| (w, p));
                 let span = n.div_ceil(width) * pitch;
@@ -491,18 +552,21 @@ mod tests {
                 // The padding column of each row must stay untouched.
                 let ldc = n + 1;
                 let mut c = vec![7f32; m * ldc];
-                multiply(&packed, &rows_b, &mut c, ldc, relu, crew);
+                let add = values(m * ldc, 4);
+                let epilogue = Epilogue {
+                    add: residual.then_some(&add[..]),
+                    relu,
+                };
+                multiply(&packed, &rows_b, &mut c, ldc, epilogue, crew);
                 for i in 0..m {
                     for j in 0..n {
-                        let want = if relu {
-                            expected[i * n + j].max(0.0)
-                        } else {
-                            expected[i * n + j]
-                        };
+                        let sum =
+                            expected[i * n + j] + if residual { add[i * ldc + j] } else { 0.0 };
+                        let want = if relu { sum.max(0.0) } else { sum };
                         let got = c[i * ldc + j];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{m}x{k}x{n} wrap {wrap:?} relu {relu}: c[{i}][{j}] = {got}, want {want}"
+                            "{m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
                     assert_eq!(c[i * ldc + n], 7.0, "{m}x{k}x{n}: column past n written");

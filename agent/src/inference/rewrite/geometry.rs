@@ -102,6 +102,17 @@ impl Window2d {
         }
     }
 
+    /// Every `stride`-th row and column of an `h x w` plane, from the first: the input of a
+    /// strided 1x1 convolution without padding, `output` rows and columns.
+    pub fn subsample(&self, x: &[f32], [h, w]: [usize; 2], out: &mut [f32]) {
+        let [sy, sx] = self.stride;
+        let [oh, ow] = self.output;
+        assert!(x.len() >= h * w && (oh - 1) * sy < h && (ow - 1) * sx < w);
+        for (i, row) in out.chunks_exact_mut(ow).take(oh).enumerate() {
+            kernels::strided_copy(row, &x[i * sy * w..][..w], sx);
+        }
+    }
+
     /// `input`'s type with the output's height and width.
     pub fn output_fact(&self, input: &TypedFact) -> TypedFact {
         let mut shape = input.shape.clone();

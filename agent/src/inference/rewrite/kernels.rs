@@ -95,9 +95,31 @@ dispatch!(max_assign(acc: &mut [f32], x: &[f32]) {
     }
 });
 
-dispatch!(axpy(y: &mut [f32], x: &[f32], a: f32) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+// `out[i] = bias + sum over t of weights[t] * src[offsets[t] + i]`: every tap of a depthwise
+// convolution over one run of outputs, 16 sums at a time kept in registers across the taps
+// (one pass over the output instead of one per tap).
+dispatch!(taps(out: &mut [f32], src: &[f32], offsets: &[usize], weights: &[f32], bias: f32) {
+    const L: usize = 16;
+    let n = out.len();
+    assert!(offsets.len() == weights.len() && offsets.iter().all(|&o| o + n <= src.len()));
+    let (whole, tail) = out.split_at_mut(n / L * L);
+    for (i, out) in whole.chunks_exact_mut(L).enumerate() {
+        let mut acc = [bias; L];
+        for (&o, &w) in offsets.iter().zip(weights) {
+            let x = &src[o + i * L..][..L];
+            for l in 0..L {
+                acc[l] += w * x[l];
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
+    let done = n - tail.len();
+    for (i, out) in tail.iter_mut().enumerate() {
+        let mut sum = bias;
+        for (&o, &w) in offsets.iter().zip(weights) {
+            sum += w * src[o + done + i];
+        }
+        *out = sum;
     }
 });
 
@@ -151,5 +173,33 @@ mod tests {
         // A source one element short of the last read is refused, not read past.
         let short = std::panic::catch_unwind(|| strided_copy(&mut [0f32; 3], &[0f32; 4], 2));
         assert!(short.is_err());
+    }
+
+    #[test]
+    fn taps_sum_every_tap_over_whole_vectors_and_the_tail() {
+        // Integers, so the sums are exact whatever the order of the additions.
+        let src: Vec<f32> = (0..80).map(|v| (v % 7) as f32 - 3.0).collect();
+        let offsets = [0, 1, 2, 9, 10, 11, 18, 19, 20];
+        let weights = [1.0, -2.0, 3.0, 0.5, -1.0, 2.0, -0.5, 1.0, 4.0];
+        // Shorter than a vector, exactly two, and two and a tail, up to the last element.
+        for n in [0, 5, 32, 39, 60] {
+            let mut out = vec![f32::NAN; n];
+            taps(&mut out, &src, &offsets, &weights, 0.25);
+            let expected: Vec<f32> = (0..n)
+                .map(|i| {
+                    let taps: f32 = offsets
+                        .iter()
+                        .zip(weights)
+                        .map(|(o, w)| w * src[o + i])
+                        .sum();
+                    0.25 + taps
+                })
+                .collect();
+            assert_eq!(out, expected, "{n} outputs");
+        }
+        // A run that would read past the source is refused.
+        let past =
+            std::panic::catch_unwind(|| taps(&mut [0f32; 61], &src, &offsets, &weights, 0.0));
+        assert!(past.is_err());
     }
 }

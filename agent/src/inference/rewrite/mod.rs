@@ -22,7 +22,7 @@ pub use affine::ChannelAffine;
 pub use conv::GemmConv;
 pub use depthwise::RowDepthwiseConv;
 pub use lrn::PlaneLrn;
-pub use pool::RowMaxPool;
+pub use pool::{Reduce, RowPool};
 
 use tract_onnx::prelude::*;
 
@@ -44,8 +44,11 @@ pub struct Applied {
     pub affine_chains: usize,
     /// `Lrn` nodes replaced by `PlaneLrn`.
     pub lrn: usize,
-    /// 2-D `MaxPool` nodes replaced by `RowMaxPool`.
+    /// 2-D `MaxPool` nodes replaced by `RowPool` (`RowMaxPool` in profiles).
     pub max_pools: usize,
+    /// 2-D average pools (tract's `SumPool`) replaced by `RowPool` (`RowAvgPool`).
+    #[serde(default)]
+    pub avg_pools: usize,
     /// Depthwise 2-D convolutions replaced by `RowDepthwiseConv`.
     pub depthwise_convs: usize,
 }
@@ -61,6 +64,7 @@ impl Applied {
             + self.affine_chains
             + self.lrn
             + self.max_pools
+            + self.avg_pools
             + self.depthwise_convs
     }
 
@@ -84,6 +88,9 @@ impl Applied {
         }
         if self.max_pools > 0 {
             parts.push(format!("{} max pools", self.max_pools));
+        }
+        if self.avg_pools > 0 {
+            parts.push(format!("{} average pools", self.avg_pools));
         }
         if self.depthwise_convs > 0 {
             parts.push(format!("{} depthwise convolutions", self.depthwise_convs));
@@ -152,13 +159,19 @@ fn conv_constants(
 
 /// Runs every rewrite over `model` (decluttered, f32, for the CPU runtime).
 pub fn optimise(model: &mut TypedModel) -> TractResult<Applied> {
+    let folded_into_convs = fold::into_grouped_convs(model)?;
+    // Before the affine merge: the chain after a convolution goes into its kernel.
+    let gemm_convs = conv::translate(model)?;
+    let affine_chains = affine::merge_chains(model)?;
+    let lrn = lrn::translate(model)?;
+    let [max_pools, avg_pools] = pool::translate(model)?;
     let applied = Applied {
-        folded_into_convs: fold::into_grouped_convs(model)?,
-        // Before the affine merge: the chain after a convolution goes into its kernel.
-        gemm_convs: conv::translate(model)?,
-        affine_chains: affine::merge_chains(model)?,
-        lrn: lrn::translate(model)?,
-        max_pools: pool::translate(model)?,
+        folded_into_convs,
+        gemm_convs,
+        affine_chains,
+        lrn,
+        max_pools,
+        avg_pools,
         // After the folds: a depthwise convolution's batch norm is in its weights by now.
         depthwise_convs: depthwise::translate(model)?,
     };

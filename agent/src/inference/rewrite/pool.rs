@@ -1,35 +1,75 @@
-//! 2-D max pooling over whole rows.
+//! 2-D max and average pooling over whole rows.
 //!
-//! tract's `OptMaxPool` walks each output element's window through a generic patch iterator.
-//! Here each output row is the element-wise max of its window's input rows (contiguous vector
-//! work), then a short horizontal max per output column: SqueezeNet's three 3x3/2 pools drop
-//! from a sixth of its time to a few percent. Windows are clamped to the input, which is what
-//! max pooling's padding means (padded cells never win).
+//! tract's `OptMaxPool` and `OptSumPool` walk each output element's window through a generic
+//! patch iterator. Here each output row is the element-wise max (or sum) of its window's input
+//! rows (contiguous vector work), then a short horizontal pass per output column: SqueezeNet's
+//! three 3x3/2 max pools drop from a sixth of its time to a few percent. Windows are clamped to
+//! the input, which is what max pooling's padding means (padded cells never win) and what an
+//! average that does not count padding divides by: the window's cells inside the input, rows
+//! times columns.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::MaxPool;
+use tract_onnx::tract_core::ops::cnn::{MaxPool, SumPool};
 
 use super::geometry::Window2d;
 use super::kernels;
 use crate::inference::warm;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowMaxPool(pub Window2d);
+/// What a window's cells become.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    Max,
+    /// Their sum, divided by how many of them lie inside the input when `average`.
+    Sum {
+        average: bool,
+    },
+}
 
-impl Op for RowMaxPool {
+impl Reduce {
+    /// What a padded cell holds: it never changes the result.
+    fn padding(self) -> f32 {
+        match self {
+            Reduce::Max => f32::NEG_INFINITY,
+            Reduce::Sum { .. } => 0.0,
+        }
+    }
+
+    fn assign(self, acc: &mut [f32], x: &[f32]) {
+        match self {
+            Reduce::Max => kernels::max_assign(acc, x),
+            Reduce::Sum { .. } => kernels::add_assign(acc, x),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowPool {
+    pub geometry: Window2d,
+    pub reduce: Reduce,
+}
+
+impl Op for RowPool {
     fn name(&self) -> StaticName {
-        "RowMaxPool".into()
+        match self.reduce {
+            Reduce::Max => "RowMaxPool".into(),
+            Reduce::Sum { .. } => "RowAvgPool".into(),
+        }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![self.0.info()])
+        let sum = matches!(self.reduce, Reduce::Sum { average: false });
+        Ok(vec![format!(
+            "{}{}",
+            self.geometry.info(),
+            if sum { ", sum" } else { "" }
+        )])
     }
 
     op_as_typed_op!();
 }
 
-impl RowMaxPool {
+impl RowPool {
     /// Length of a padded input row that covers every output column's window.
     fn padded_width(&self, w: usize) -> usize {
         let Window2d {
@@ -37,32 +77,39 @@ impl RowMaxPool {
             stride,
             pad_before,
             output: [_, ow],
-        } = &self.0;
+        } = &self.geometry;
         (stride[1] * ow.saturating_sub(1) + kernel[1]).max(pad_before[1] + w)
     }
 
-    /// One channel plane. The horizontal max is done as `kernel` contiguous passes: with the
+    /// One channel plane. The horizontal pass is done as `kernel` contiguous passes: with the
     /// padded row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), window
     /// element `j` of every output column is `phase[j % stride][column + j / stride]`.
     fn plane(&self, x: &[f32], y: &mut [f32], [h, w]: [usize; 2], scratch: &mut Scratch) {
-        let geometry = &self.0;
+        let geometry = &self.geometry;
+        let reduce = self.reduce;
         let [oh, ow] = geometry.output;
         let (pad, stride) = (geometry.pad_before[1], geometry.stride[1]);
         for oy in 0..oh {
             let rows = geometry.window(0, oy, h);
             let out = &mut y[oy * ow..][..ow];
-            out.fill(f32::NEG_INFINITY);
+            out.fill(reduce.padding());
             if rows.is_empty() {
                 continue;
             }
             let row = &mut scratch.row[pad..][..w];
             row.copy_from_slice(&x[rows.start * w..][..w]);
             for iy in rows.start + 1..rows.end {
-                kernels::max_assign(row, &x[iy * w..][..w]);
+                reduce.assign(row, &x[iy * w..][..w]);
             }
             scratch.split_phases();
             for j in 0..geometry.kernel[1] {
-                kernels::max_assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
+                reduce.assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
+            }
+            if reduce == (Reduce::Sum { average: true }) {
+                let rows = 1.0 / rows.len() as f32;
+                for (o, columns) in out.iter_mut().zip(&scratch.column_divisors) {
+                    *o *= rows * columns;
+                }
             }
         }
     }
@@ -70,49 +117,40 @@ impl RowMaxPool {
 
 /// Buffers reused across the rows of one evaluation.
 struct Scratch {
-    /// One input row with `-inf` in its padding.
+    /// One input row with the padding value (`-inf` or 0) in its padding.
     row: Vec<f32>,
     phases: Vec<Vec<f32>>,
+    /// 1 / (the count of the window's columns inside the input), per output column.
+    column_divisors: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(op: &RowMaxPool, w: usize) -> Scratch {
-        let [_, phase_len] = op.0.phase_dims();
-        let stride = op.0.stride[1];
+    fn new(op: &RowPool, w: usize) -> Scratch {
+        let [_, phase_len] = op.geometry.phase_dims();
+        let stride = op.geometry.stride[1];
+        let fill = op.reduce.padding();
         Scratch {
             // Long enough for every phase element: the phase split needs no bounds checks.
-            row: vec![f32::NEG_INFINITY; op.padded_width(w).max(stride * phase_len)],
-            phases: vec![vec![f32::NEG_INFINITY; phase_len]; stride],
+            row: vec![fill; op.padded_width(w).max(stride * phase_len)],
+            phases: vec![vec![fill; phase_len]; stride],
+            column_divisors: (0..op.geometry.output[1])
+                .map(|ox| 1.0 / op.geometry.window(1, ox, w).len() as f32)
+                .collect(),
         }
     }
 
-    /// `phases[p][i] = row[stride * i + p]`: branch-free loops the compiler vectorises
-    /// (de-interleaving loads for stride 2, by far the commonest), where a bounds-checked
-    /// scalar gather was most of a pool's time.
+    /// `phases[p][i] = row[stride * i + p]`, a `kernels::strided_copy` per phase (as a
+    /// convolution's phase split): branch-free, a vectorised de-interleave for stride 2, where
+    /// a bounds-checked scalar gather was most of a pool's time. The row is in L1.
     fn split_phases(&mut self) {
         let stride = self.phases.len();
-        let phase_len = self.phases[0].len();
-        let row = &self.row[..stride * phase_len];
-        match &mut self.phases[..] {
-            [phase] => phase.copy_from_slice(row),
-            [even, odd] => {
-                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
-            }
-            phases => {
-                for (i, chunk) in row.chunks_exact(stride).enumerate() {
-                    for (phase, v) in phases.iter_mut().zip(chunk) {
-                        phase[i] = *v;
-                    }
-                }
-            }
+        for (b, phase) in self.phases.iter_mut().enumerate() {
+            kernels::strided_copy(phase, &self.row[b..], stride);
         }
     }
 }
 
-impl EvalOp for RowMaxPool {
+impl EvalOp for RowPool {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -120,14 +158,14 @@ impl EvalOp for RowMaxPool {
         let shape = input.shape();
         ensure!(shape.len() == 4);
         let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-        let [oh, ow] = self.0.output;
+        let [oh, ow] = self.geometry.output;
         let view = input.try_as_plain_ram()?;
         let x = view.as_slice::<f32>()?;
         let mut output = kernels::output_f32(&[n, c, oh, ow])?;
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
-            let [kh, kw] = self.0.kernel;
+            let [kh, kw] = self.geometry.kernel;
             let work_size = y.len() * kh * kw;
             // Planes shared out over the inference's crew, each part with its own buffers.
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
@@ -141,41 +179,59 @@ impl EvalOp for RowMaxPool {
     }
 }
 
-impl TypedOp for RowMaxPool {
+impl TypedOp for RowPool {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.0.output_fact(inputs[0])))
+        Ok(tvec!(self.geometry.output_fact(inputs[0])))
     }
 }
 
-/// Replaces every f32 2-D NCHW `MaxPool` (no dilation, no index output) of concrete shape;
-/// returns how many.
-pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
+/// Replaces every f32 2-D NCHW `MaxPool` (no dilation, no index output) of concrete shape,
+/// and every such `SumPool` (ONNX `AveragePool`) that does not count padding and has an input
+/// cell in every window, with a `RowPool`; returns how many, `[max, average]`.
+pub fn translate(model: &mut TypedModel) -> TractResult<[usize; 2]> {
+    let mut replaced = [0, 0];
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(pool) = node.op_as::<MaxPool>() else {
+        let (spec, reduce) = if let Some(pool) = node.op_as::<MaxPool>() {
+            if pool.with_index_outputs.is_some() {
+                continue;
+            }
+            (&pool.pool_spec, Reduce::Max)
+        } else if let Some(pool) = node.op_as::<SumPool>() {
+            if pool.count_include_pad {
+                continue;
+            }
+            let average = pool.normalize;
+            (&pool.pool_spec, Reduce::Sum { average })
+        } else {
             continue;
         };
         let fact = model.outlet_fact(node.inputs[0])?;
         let Some(shape) = fact.shape.as_concrete() else {
             continue;
         };
-        if pool.with_index_outputs.is_some()
-            || fact.datum_type != f32::datum_type()
+        if fact.datum_type != f32::datum_type()
             // Window2d::of also takes CHW; our eval is NCHW only.
             || shape.len() != 4
         {
             continue;
         }
-        let Some(geometry) = Window2d::of(&pool.pool_spec, shape, &node.outputs[0].fact) else {
+        let Some(geometry) = Window2d::of(spec, shape, &node.outputs[0].fact) else {
             continue;
         };
-        let op = RowMaxPool(geometry);
+        // A window wholly in the padding has no cell to divide by: left to tract.
+        let [h, w] = [shape[2], shape[3]];
+        let empty = (0..geometry.output[0]).any(|oy| geometry.window(0, oy, h).is_empty())
+            || (0..geometry.output[1]).any(|ox| geometry.window(1, ox, w).is_empty());
+        if empty && reduce != Reduce::Max {
+            continue;
+        }
+        let op = RowPool { geometry, reduce };
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
         patch.apply(model)?;
-        replaced += 1;
+        replaced[usize::from(reduce != Reduce::Max)] += 1;
     }
     Ok(replaced)
 }
