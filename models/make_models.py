@@ -284,8 +284,8 @@ def make_rewrite_graphs():
     ], [vi("x", [1, 4, 20, 37])], [vi("y1", [1, 4, 20, 37]), vi("y2", [1, 4, 10, 19])],
         [const("w1", [4, 1, 3, 3]), const("b1", [4]), const("w2", [4, 1, 5, 5])]))
     # Average pools that do not count padding (ONNX's default): ShuffleNet's 3x3/2 padded,
-    # DenseNet's 2x2/2, GoogLeNet's 7x7 padded after, one in ceil mode; and one that counts
-    # padding, left to tract. On 5 channels, a batch of 2.
+    # DenseNet's 2x2/2, one in ceil mode; GoogLeNet's 7x7 with stride 1 padded after and one
+    # that counts padding, both left to tract. On 5 channels, a batch of 2.
     files.append(save("avg_pool", [
         n("AveragePool", ["x"], ["y1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
         n("AveragePool", ["x"], ["y2"], kernel_shape=[2, 2], strides=[2, 2]),

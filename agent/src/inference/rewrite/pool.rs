@@ -188,8 +188,8 @@ impl TypedOp for RowPool {
 }
 
 /// Replaces every f32 2-D NCHW `MaxPool` (no dilation, no index output) of concrete shape,
-/// and every such `SumPool` (ONNX `AveragePool`) that does not count padding and has an input
-/// cell in every window, with a `RowPool`; returns how many, `[max, average]`.
+/// and every such strided `SumPool` (ONNX `AveragePool`) that does not count padding and has
+/// an input cell in every window, with a `RowPool`; returns how many, `[max, average]`.
 pub fn translate(model: &mut TypedModel) -> TractResult<[usize; 2]> {
     let mut replaced = [0, 0];
     for id in model.eval_order()? {
@@ -200,7 +200,8 @@ pub fn translate(model: &mut TypedModel) -> TractResult<[usize; 2]> {
             }
             (&pool.pool_spec, Reduce::Max)
         } else if let Some(pool) = node.op_as::<SumPool>() {
-            if pool.count_include_pad {
+            // With stride 1 (global pooling, mostly), tract's separable box sums are faster.
+            if pool.count_include_pad || pool.pool_spec.strides().iter().all(|s| *s == 1) {
                 continue;
             }
             let average = pool.normalize;
