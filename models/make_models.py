@@ -237,7 +237,8 @@ def make_rewrite_graphs():
     # norm + the block's input + ReLU; two 1x1/2 convolutions on an odd 9x10 input (a scaled
     # projection, and one followed by a 3x3) summed without a ReLU; a 1x1 convolution padded
     # after (its output larger than its input: not read directly); a 1x1 with strides 3x2
-    # added to itself (x + x: no second input to take, left alone).
+    # added to itself (x + x: no second input to take, left alone); a grouped 1x1 added to
+    # the block's input (the residual first) + ReLU.
     files.append(save("residual_conv", [
         n("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         n("BatchNormalization", ["c1", "g1", "o1", "m1", "v1"], ["n1"], epsilon=1e-5),
@@ -250,14 +251,18 @@ def make_rewrite_graphs():
         n("Conv", ["y1", "wq", "bq"], ["y2"], kernel_shape=[1, 1], pads=[0, 0, 1, 1]),
         n("Conv", ["r1", "wz"], ["z"], kernel_shape=[1, 1], strides=[3, 2]),
         n("Add", ["z", "z"], ["y3"]),
+        n("Conv", ["r1", "wg", "bg"], ["g"], kernel_shape=[1, 1], group=4),
+        n("Add", ["x", "g"], ["s4"]), n("Relu", ["s4"], ["y4"]),
     ], [vi("x", [2, 12, 9, 10])], [
         vi("y1", [2, 20, 5, 5]), vi("y2", [2, 7, 6, 6]), vi("y3", [2, 6, 3, 5]),
+        vi("y4", [2, 12, 9, 10]),
     ], [
         const("w1", [12, 12, 3, 3], -0.3, 0.3), const("b1", [12]), const("g1", [12], 0.5, 1.5),
         const("o1", [12]), const("m1", [12]), const("v1", [12], 0.1, 2.0),
         const("wp", [20, 12, 1, 1]), const("sp", [1, 20, 1, 1]),
         const("wm", [20, 12, 1, 1]), const("bm", [20]), const("wm2", [20, 20, 3, 3], -0.3, 0.3),
         const("wq", [7, 20, 1, 1]), const("bq", [7]), const("wz", [6, 12, 1, 1]),
+        const("wg", [12, 3, 1, 1]), const("bg", [12]),
     ]))
     # GoogLeNet's LRN and one with another size, exponent and bias, on 7 channels.
     files.append(save("lrn", [

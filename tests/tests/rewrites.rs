@@ -178,20 +178,21 @@ fn op_kinds(prepared: &PreparedModel) -> Vec<String> {
 #[test]
 fn residual_adds_and_strided_1x1_convolutions_go_into_the_matrix_multiply() {
     // A residual block (3x3 + batch norm + its input + ReLU), two 1x1/2 convolutions on 9x10
-    // summed, a 1x1 padded after, and a 1x1 with strides 3x2 added to itself.
+    // summed, a 1x1 padded after, a 1x1 with strides 3x2 added to itself, and a grouped 1x1
+    // added to the block's input + ReLU.
     let rel = "testdata/rewrites/residual_conv.onnx";
     let applied = rewritten_outputs_match(rel);
     assert_eq!(
         applied,
         Applied {
-            gemm_convs: gemm_convs(6),
+            gemm_convs: gemm_convs(7),
             ..Applied::default()
         }
     );
     let theirs = op_kinds(&prepare(rel, false));
     assert!(theirs.iter().any(|op| op == "Downsample"), "{theirs:?}");
     if rewrite::gemm_kernel_available() {
-        // The two residual adds went into epilogues and the downsampling into the
+        // The three residual adds went into epilogues and the downsampling into the
         // convolutions; only x + x is left to tract.
         let ours = op_kinds(&prepare(rel, true));
         assert!(!ours.iter().any(|op| op == "Downsample"), "{ours:?}");
