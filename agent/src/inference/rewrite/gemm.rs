@@ -300,25 +300,11 @@ fn pack_b(b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &mut [f32]) {
         let strip = &mut pack[s * kc * NR..][..kc * width];
         for (dst, &offset) in strip.chunks_exact_mut(width).zip(&b.offsets[ks.clone()]) {
             for &(at, from, len) in runs {
-                copy_run(&mut dst[at..at + len], &b.base[offset + from..][..len]);
+                dst[at..at + len].copy_from_slice(&b.base[offset + from..][..len]);
             }
             dst[cols..].fill(0.0);
         }
     }
-}
-
-/// `dst = src` for one run of a strip's row (1 to `NR` elements, up to 7 a row for a 7-wide
-/// output): masked vector moves instead of a call to `memcpy` per run.
-fn copy_run(dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: only `multiply` packs, and it checked that the CPU has AVX-512F; the masked
-    // accesses stay inside both slices.
-    unsafe {
-        avx512::copy(dst, src)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    dst.copy_from_slice(src);
 }
 
 /// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and a strip of `B` whose
@@ -372,21 +358,6 @@ mod avx512 {
 
     /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
     const PREFETCH_A: usize = 1024;
-
-    /// `dst = src` (equal lengths) in masked 16-lane moves: masked-off lanes are neither read
-    /// nor written, so nothing past either slice is touched.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn copy(dst: &mut [f32], src: &[f32]) {
-        let n = dst.len().min(src.len());
-        for i in (0..n).step_by(LANES) {
-            let mask = ((1u32 << (n - i).min(LANES)) - 1) as u16;
-            // SAFETY: lanes `i..i + 16` under `mask` are below `n`, inside both slices.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
-                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, v);
-            }
-        }
-    }
 
     /// The `MR x (V * 16)` micro-kernel. Loops have constant trip counts and index the arrays
     /// with them, so that they unroll and the sums stay in registers (iterators over `acc`
