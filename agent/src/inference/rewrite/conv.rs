@@ -87,17 +87,11 @@ impl GemmConv {
     }
 
     /// How `B` reads an input of `h x w` planes.
-    fn read(&self, [h, w]: [usize; 2]) -> Read {
-        let g = &self.geometry;
-        let covers = [h, w]
-            .iter()
-            .zip(g.stride)
-            .map(|(len, stride)| len.div_ceil(stride))
-            .eq(g.output);
-        match (g.kernel, g.pad_before, covers) {
-            ([1, 1], [0, 0], true) if g.stride == [1, 1] => Read::Input,
-            ([1, 1], [0, 0], true) => Read::Subsampled,
-            _ => Read::Phases,
+    fn read(&self, input: [usize; 2]) -> Read {
+        match self.geometry.subsamples(input) {
+            true if self.geometry.stride == [1, 1] => Read::Input,
+            true => Read::Subsampled,
+            false => Read::Phases,
         }
     }
 
@@ -105,9 +99,6 @@ impl GemmConv {
     /// input's or the subsampled copy's), or in the phase planes.
     fn offsets(&self, g: usize, read: Read, plane: usize) -> Vec<usize> {
         let [kh, kw] = self.geometry.kernel;
-        let [sy, sx] = self.geometry.stride;
-        let [_, cols] = self.geometry.phase_dims();
-        let size = self.geometry.phase_len();
         let per_group = self.input_channels / self.groups.len();
         let mut offsets = Vec::with_capacity(per_group * kh * kw);
         for c in g * per_group..(g + 1) * per_group {
@@ -117,8 +108,7 @@ impl GemmConv {
             }
             for ky in 0..kh {
                 for kx in 0..kw {
-                    let phase = (c * sy + ky % sy) * sx + kx % sx;
-                    offsets.push(phase * size + (ky / sy) * cols + kx / sx);
+                    offsets.push(self.geometry.tap_offset(c, ky, kx));
                 }
             }
         }
@@ -415,8 +405,11 @@ fn through_downsamples(model: &TypedModel, found: &mut Found) {
     }
     let mut stride = [1, 1];
     let mut input = found.input;
-    while let Some(down) = model.node(input.node).op_as::<Downsample>() {
+    loop {
         let node = model.node(input.node);
+        let Some(down) = node.op_as::<Downsample>() else {
+            break;
+        };
         let Ok(fact) = model.outlet_fact(node.inputs[0]) else {
             break;
         };
@@ -440,16 +433,16 @@ fn through_downsamples(model: &TypedModel, found: &mut Found) {
     else {
         return;
     };
-    let spatial = &shape[shape.len().saturating_sub(2)..];
-    let covers = spatial.len() == 2
-        && spatial
-            .iter()
-            .zip(stride)
-            .map(|(len, s)| len.div_ceil(s))
-            .eq(found.geometry.output);
-    if stride != [1, 1] && covers {
+    let [.., h, w] = shape[..] else {
+        return;
+    };
+    let geometry = Window2d {
+        stride,
+        ..found.geometry.clone()
+    };
+    if stride != [1, 1] && geometry.subsamples([h, w]) {
         found.input = input;
-        found.geometry.stride = stride;
+        found.geometry = geometry;
     }
 }
 

@@ -49,12 +49,8 @@ impl RowDepthwiseConv {
     /// Where tap `(ky, kx)` of the first output row reads in the phase planes, row-major.
     fn tap_offsets(&self) -> Vec<usize> {
         let [kh, kw] = self.geometry.kernel;
-        let [sy, sx] = self.geometry.stride;
-        let [_, cols] = self.geometry.phase_dims();
-        let size = self.geometry.phase_len();
         (0..kh)
-            .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
-            .map(|(ky, kx)| ((ky % sy) * sx + kx % sx) * size + (ky / sy) * cols + kx / sx)
+            .flat_map(|ky| (0..kw).map(move |kx| self.geometry.tap_offset(0, ky, kx)))
             .collect()
     }
 

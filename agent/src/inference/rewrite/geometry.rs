@@ -102,12 +102,35 @@ impl Window2d {
         }
     }
 
+    /// Where tap `(ky, kx)` of channel `c` reads for the first output in the phase planes
+    /// (`split`'s, each channel's `stride_y * stride_x` phases one after another); the output
+    /// row `i` reads `i * cols` further on.
+    pub fn tap_offset(&self, c: usize, ky: usize, kx: usize) -> usize {
+        let [sy, sx] = self.stride;
+        let [_, cols] = self.phase_dims();
+        let phase = (c * sy + ky % sy) * sx + kx % sx;
+        phase * self.phase_len() + (ky / sy) * cols + kx / sx
+    }
+
+    /// Whether the window, on an `h x w` plane, only picks every `stride`-th row and column
+    /// from the first: 1x1, no padding before, and as many outputs as that gives (none padded
+    /// after). Then `subsample` is its whole input.
+    pub fn subsamples(&self, [h, w]: [usize; 2]) -> bool {
+        self.kernel == [1, 1]
+            && self.pad_before == [0, 0]
+            && [h, w]
+                .iter()
+                .zip(self.stride)
+                .map(|(len, stride)| len.div_ceil(stride))
+                .eq(self.output)
+    }
+
     /// Every `stride`-th row and column of an `h x w` plane, from the first: the input of a
-    /// strided 1x1 convolution without padding, `output` rows and columns.
+    /// window that `subsamples`, `output` rows and columns.
     pub fn subsample(&self, x: &[f32], [h, w]: [usize; 2], out: &mut [f32]) {
         let [sy, sx] = self.stride;
         let [oh, ow] = self.output;
-        assert!(x.len() >= h * w && (oh - 1) * sy < h && (ow - 1) * sx < w);
+        assert!(x.len() >= h * w && self.subsamples([h, w]));
         for (i, row) in out.chunks_exact_mut(ow).take(oh).enumerate() {
             kernels::strided_copy(row, &x[i * sy * w..][..w], sx);
         }
