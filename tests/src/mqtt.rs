@@ -131,9 +131,24 @@ impl Subscriber {
         &self,
         what: &str,
         timeout: Duration,
-        mut wanted: impl FnMut(&Message) -> bool,
+        wanted: impl FnMut(&Message) -> bool,
     ) -> Message {
+        self.try_wait_for(timeout, wanted).unwrap_or_else(|_| {
+            panic!(
+                "no {what} within {timeout:?}; received: {:#?}",
+                self.seen.borrow()
+            )
+        })
+    }
+
+    /// The next message matching `wanted`, or after `timeout` the messages that did not match.
+    pub fn try_wait_for(
+        &self,
+        timeout: Duration,
+        mut wanted: impl FnMut(&Message) -> bool,
+    ) -> Result<Message, Vec<Message>> {
         let deadline = Instant::now() + timeout;
+        let mut unmatched = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.messages.recv_timeout(left) {
@@ -144,13 +159,11 @@ impl Subscriber {
                         message.payload.len()
                     ));
                     if wanted(&message) {
-                        return message;
+                        return Ok(message);
                     }
+                    unmatched.push(message);
                 }
-                Err(_) => panic!(
-                    "no {what} within {timeout:?}; received: {:#?}",
-                    self.seen.borrow()
-                ),
+                Err(_) => return Err(unmatched),
             }
         }
     }

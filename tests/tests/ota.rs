@@ -24,11 +24,24 @@ fn topic(device: &str, leaf: &str) -> String {
 
 /// The retained model state, as a dashboard that connects now reads it (a fresh connection:
 /// retained messages are delivered on subscribe, and later ones as they come).
-fn model_state(broker: &Broker, device: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    retained(broker, device, "model/state", wanted)
+fn model_state(
+    broker: &Broker,
+    daemon: &Daemon,
+    device: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    retained(broker, daemon, device, "model/state", wanted)
 }
 
-fn retained(broker: &Broker, device: &str, leaf: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+/// The retained message on `leaf` once it is one `wanted`; on a timeout the test fails with
+/// the values that came instead and the daemon's log.
+fn retained(
+    broker: &Broker,
+    daemon: &Daemon,
+    device: &str,
+    leaf: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
     let t = topic(device, leaf);
     static CHECKS: AtomicU64 = AtomicU64::new(0);
     let id = format!(
@@ -37,13 +50,18 @@ fn retained(broker: &Broker, device: &str, leaf: &str, wanted: impl Fn(&Value) -
         CHECKS.fetch_add(1, Ordering::Relaxed)
     );
     let sub = Subscriber::connect(broker.port, &id, true, &[t.as_str()]);
-    let value = sub
-        .wait_for(&format!("retained {leaf}"), WAIT, |m: &Message| {
-            m.topic == t && wanted(&m.value())
-        })
-        .value();
+    let found = sub.try_wait_for(WAIT, |m: &Message| m.topic == t && wanted(&m.value()));
     sub.disconnect();
-    value
+    match found {
+        Ok(message) => message.value(),
+        Err(others) => {
+            let others: Vec<Value> = others.iter().map(Message::value).collect();
+            panic!(
+                "no wanted retained {leaf} within {WAIT:?}; received instead: {others:#?}\nthe daemon's log:\n{}",
+                daemon.log()
+            )
+        }
+    }
 }
 
 fn push(
@@ -187,10 +205,12 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
         "{}",
         run.stdout
     );
-    let state = model_state(&broker, device, |v| v["active"]["version"] == 2);
+    let state = model_state(&broker, &daemon, device, |v| v["active"]["version"] == 2);
     assert_eq!(state["active"]["name"], "digits");
     assert_eq!(state["last_result"]["state"], "activated");
-    let birth = retained(&broker, device, "status", |v| v["model"]["version"] == 2);
+    let birth = retained(&broker, &daemon, device, "status", |v| {
+        v["model"]["version"] == 2
+    });
     assert_eq!(birth["online"], true);
 
     let run = push(
@@ -202,7 +222,7 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
         &["--min-accuracy", "0.5"],
     );
     assert_eq!(run.code, 0, "push v3: {}\n{}", run.stdout, run.stderr);
-    let state = model_state(&broker, device, |v| v["active"]["version"] == 3);
+    let state = model_state(&broker, &daemon, device, |v| v["active"]["version"] == 3);
     assert_eq!(state["previous"][0]["version"], 2);
     assert_eq!(
         state["previous"][0]["sha256"], state["active"]["sha256"],
@@ -265,7 +285,7 @@ fn push_activates_new_versions_without_a_failed_request_and_rollback_goes_back()
     ]);
     assert_eq!(run.code, 0, "rollback: {}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("rolled_back"), "{}", run.stdout);
-    model_state(&broker, device, |v| v["active"]["version"] == 2);
+    model_state(&broker, &daemon, device, |v| v["active"]["version"] == 2);
 
     stop.store(true, Ordering::Relaxed);
     let errors = looper.join().unwrap();
@@ -543,7 +563,9 @@ fn bad_pushes_are_refused_with_their_reason_and_the_old_model_keeps_serving() {
     let _ = missing;
 
     // Nothing changed: the configured model is active and still answers.
-    let state = model_state(&broker, device, |v| v["last_result"]["state"] == "rejected");
+    let state = model_state(&broker, &daemon, device, |v| {
+        v["last_result"]["state"] == "rejected"
+    });
     assert_eq!(state["active"]["version"], Value::Null);
     assert_eq!(infer_digits(&addr).status, 200);
 
@@ -666,7 +688,7 @@ fn a_transfer_resumes_after_the_agent_is_killed() {
         plaster_agent_tests::mqtt::publish(broker.port, &push, chunk.clone(), false);
     }
     wait_event(&sub, device, &t.id, "activated", WAIT);
-    model_state(&broker, device, |v| {
+    model_state(&broker, &daemon, device, |v| {
         v["active"]["name"] == "squeezenet" && v["active"]["version"] == 2
     });
 }
@@ -716,7 +738,7 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_model_active() {
             activated["metrics"]["learning"]["updates_ok"], 1,
             "after a crash at {step}"
         );
-        model_state(&broker, &device, |v| v["active"]["version"] == 2);
+        model_state(&broker, &daemon, &device, |v| v["active"]["version"] == 2);
         let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("state/models"))
             .unwrap()
             .flatten()
@@ -739,7 +761,7 @@ fn the_canary_rolls_back_a_version_that_is_much_slower() {
         key,
         sub,
         config: _config,
-        daemon: _daemon,
+        daemon,
         addr: _addr,
     } = Agent::start_with(device, "canary_s = 60", |c| c.workload_rate_per_s = 40.0);
     // A baseline of the current version's windows first.
@@ -761,7 +783,7 @@ fn the_canary_rolls_back_a_version_that_is_much_slower() {
         "{reason}"
     );
     assert_eq!(event["metrics"]["model"]["name"], "squeezenet");
-    let state = model_state(&broker, device, |v| {
+    let state = model_state(&broker, &daemon, device, |v| {
         v["last_result"]["state"] == "rolled_back"
     });
     assert_eq!(state["active"]["name"], "digits");

@@ -103,6 +103,8 @@ pub struct Link<S> {
     offline_pkid: Option<u16>,
     backoff: Duration,
     failures: u32,
+    /// The client refused the last birth or state publish: send both again.
+    presence_unsent: bool,
 }
 
 enum Step {
@@ -123,6 +125,7 @@ impl<S: Session> Link<S> {
             offline_pkid: None,
             backoff: BACKOFF_MIN,
             failures: 0,
+            presence_unsent: false,
         }
     }
 
@@ -137,13 +140,15 @@ impl<S: Session> Link<S> {
                 _ = spooled.notified(), if self.connected => self.refill(),
                 changed = self.parts.presence.changed(), if self.connected => {
                     if changed.is_ok() {
-                        self.publish_birth();
-                        self.publish_retained_state();
+                        self.publish_presence();
                     }
                 }
                 event = self.parts.session.poll() => {
                     if let Step::Stop = self.on_event(event, &cancel).await {
                         return;
+                    }
+                    if self.presence_unsent && self.connected {
+                        self.publish_presence();
                     }
                 }
             }
@@ -204,8 +209,7 @@ impl<S: Session> Link<S> {
                 tracing::warn!("mqtt: subscribing: {e}");
             }
         }
-        self.publish_birth();
-        self.publish_retained_state();
+        self.publish_presence();
         self.refill();
     }
 
@@ -254,8 +258,7 @@ impl<S: Session> Link<S> {
         match wire::decode_command(&payload) {
             Ok(Command::Rebirth) => {
                 tracing::info!("cmd on {topic}: rebirth");
-                self.publish_birth();
-                self.publish_retained_state();
+                self.publish_presence();
                 None
             }
             Ok(command) => {
@@ -313,8 +316,12 @@ impl<S: Session> Link<S> {
         self.parts.session.set_will(topic, payload);
     }
 
-    fn publish_birth(&mut self) {
-        let presence = self.parts.presence.borrow().clone();
+    /// The retained birth status and model state, both from one snapshot of the presence:
+    /// read twice, an update landing between the reads (the updater sets the model and then
+    /// the result in two steps) would leave a stale birth retained with no change left to
+    /// correct it. A publish the client refused is retried after the next event.
+    fn publish_presence(&mut self) {
+        let presence = self.parts.presence.borrow_and_update().clone();
         let birth = Birth {
             online: true,
             agent_version: crate::AGENT_VERSION.to_string(),
@@ -324,19 +331,11 @@ impl<S: Session> Link<S> {
             capabilities: presence.capabilities,
             ts: rfc3339(SystemTime::now()),
         };
-        let payload = record::encode(&birth, self.parts.encoding);
-        self.publish(self.parts.topics.status(), payload, true, Sent::Retained);
-    }
-
-    fn publish_retained_state(&mut self) {
-        let state = self.parts.presence.borrow_and_update().state.clone();
-        let payload = record::encode(&state, self.parts.encoding);
-        self.publish(
-            self.parts.topics.model_state(),
-            payload,
-            true,
-            Sent::Retained,
-        );
+        let birth = record::encode(&birth, self.parts.encoding);
+        let state = record::encode(&presence.state, self.parts.encoding);
+        self.presence_unsent =
+            !(self.publish(self.parts.topics.status(), birth, true, Sent::Retained)
+                && self.publish(self.parts.topics.model_state(), state, true, Sent::Retained));
     }
 
     fn publish(&mut self, topic: String, payload: Vec<u8>, retain: bool, sent: Sent) -> bool {
