@@ -78,15 +78,32 @@ impl Window2d {
         let [py, px] = self.pad_before.map(|p| p as isize);
         let size = self.phase_len();
         for a in 0..sy {
-            for b in 0..sx {
-                let phase = &mut phases[(a * sx + b) * size..][..size];
-                for (i, row) in phase.chunks_exact_mut(cols).enumerate() {
-                    let y = (sy * i + a) as isize - py;
-                    if !(0..h as isize).contains(&y) {
+            let rows = &mut phases[a * sx * size..][..sx * size];
+            for i in 0..size / cols {
+                let y = (sy * i + a) as isize - py;
+                let input = (0..h as isize)
+                    .contains(&y)
+                    .then(|| &x[y as usize * w..][..w]);
+                if sx == 2 {
+                    // Both column phases of the row in one pass over it.
+                    let (even, odd) = rows.split_at_mut(size);
+                    let even = &mut even[i * cols..][..cols];
+                    let odd = &mut odd[i * cols..][..cols];
+                    match input {
+                        Some(input) => kernels::inline::split_pairs(even, odd, input, px as usize),
+                        None => {
+                            even.fill(0.0);
+                            odd.fill(0.0);
+                        }
+                    }
+                    continue;
+                }
+                for b in 0..sx {
+                    let row = &mut rows[b * size + i * cols..][..cols];
+                    let Some(input) = input else {
                         row.fill(0.0);
                         continue;
-                    }
-                    let input = &x[y as usize * w..][..w];
+                    };
                     // Columns j whose input column sx * j + b - px lies in 0..w.
                     let first = (px - b as isize).max(0) as usize;
                     let lo = first.div_ceil(sx).min(cols);

@@ -12,10 +12,13 @@ pub fn output_f32(shape: &[usize]) -> TractResult<Tensor> {
     unsafe { Tensor::uninitialized::<f32>(shape) }
 }
 
-/// Runs `$body` compiled for the best instruction set this CPU has.
+/// Runs `$body` compiled for the best instruction set this CPU has. Other modules use it
+/// for a whole plane's loops (with [`inline`]'s bodies); its one `unsafe`, the call of the
+/// feature-enabled copy after the CPU check, is allowed wherever it expands.
 macro_rules! dispatch {
-    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
-        pub fn $name($($arg: $ty),*) {
+    ($vis:vis $name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
+        #[allow(unsafe_code)]
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -35,8 +38,9 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
-dispatch!(affine(x: &[f32], y: &mut [f32], scale: f32, shift: f32, relu: bool) {
+dispatch!(pub affine(x: &[f32], y: &mut [f32], scale: f32, shift: f32, relu: bool) {
     if relu {
         for (y, x) in y.iter_mut().zip(x) {
             *y = (x * scale + shift).max(0.0);
@@ -48,7 +52,7 @@ dispatch!(affine(x: &[f32], y: &mut [f32], scale: f32, shift: f32, relu: bool) {
     }
 });
 
-dispatch!(affine_in_place(y: &mut [f32], scale: f32, shift: f32, relu: bool) {
+dispatch!(pub affine_in_place(y: &mut [f32], scale: f32, shift: f32, relu: bool) {
     if relu {
         for y in y.iter_mut() {
             *y = (*y * scale + shift).max(0.0);
@@ -60,21 +64,19 @@ dispatch!(affine_in_place(y: &mut [f32], scale: f32, shift: f32, relu: bool) {
     }
 });
 
-dispatch!(square(x: &[f32], y: &mut [f32]) {
+dispatch!(pub square(x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y = x * x;
     }
 });
 
-dispatch!(add_assign(acc: &mut [f32], x: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a += x;
-    }
+dispatch!(pub add_assign(acc: &mut [f32], x: &[f32]) {
+    inline::add_assign(acc, x)
 });
 
 // `y = x / (bias + k * sum)^0.75`, the exponent of every LRN in the model zoo, as
 // `t^0.75 = sqrt(t) * sqrt(sqrt(t))`: vector square roots instead of a scalar `powf`.
-dispatch!(lrn_three_quarters(x: &[f32], sum: &[f32], y: &mut [f32], bias: f32, k: f32) {
+dispatch!(pub lrn_three_quarters(x: &[f32], sum: &[f32], y: &mut [f32], bias: f32, k: f32) {
     for ((y, x), s) in y.iter_mut().zip(x).zip(sum) {
         let t = bias + k * s;
         let r = t.sqrt();
@@ -89,16 +91,10 @@ pub fn lrn_any(x: &[f32], sum: &[f32], y: &mut [f32], bias: f32, k: f32, beta: f
     }
 }
 
-dispatch!(max_assign(acc: &mut [f32], x: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a = a.max(*x);
-    }
-});
-
 // `out[i] = bias + sum over t of weights[t] * src[offsets[t] + i]`: every tap of a depthwise
 // convolution over one run of outputs, 16 sums at a time kept in registers across the taps
 // (one pass over the output instead of one per tap).
-dispatch!(taps(out: &mut [f32], src: &[f32], offsets: &[usize], weights: &[f32], bias: f32) {
+dispatch!(pub taps(out: &mut [f32], src: &[f32], offsets: &[usize], weights: &[f32], bias: f32) {
     const L: usize = 16;
     let n = out.len();
     assert!(offsets.len() == weights.len() && offsets.iter().all(|&o| o + n <= src.len()));
@@ -123,36 +119,147 @@ dispatch!(taps(out: &mut [f32], src: &[f32], offsets: &[usize], weights: &[f32],
     }
 });
 
-/// `dst[k] = src[stride * k]`: the stride-phase split of convolutions and pooling. Stride 2,
-/// the common one, is a de-interleave the compiler vectorises; no bounds check in any loop.
-pub fn strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
-    let n = dst.len();
-    if n == 0 {
-        return;
+// `dst[k] = src[stride * k]`: the stride-phase split of convolutions and pooling.
+dispatch!(pub strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
+    inline::strided_copy(dst, src, stride)
+});
+
+/// The loops themselves, for a caller that runs a whole plane in one function of its own
+/// compiled by [`dispatch!`]: on small planes a call per row and per window column (each
+/// with its own feature check) cost more than the work (a pool's 13-wide rows).
+pub mod inline {
+    #[inline(always)]
+    pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
     }
-    assert!(stride >= 1 && src.len() > stride * (n - 1));
-    match stride {
-        1 => dst.copy_from_slice(&src[..n]),
-        2 => deinterleave(dst, src),
-        _ => {
-            for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
-                *d = *s;
+
+    /// The larger of `a` and `b` as one `maxps` / `fmax` instruction: `f32::max`'s NaN rule
+    /// (the number wins) costs a compare and a blend more per vector on x86. A window with a
+    /// NaN may or may not give NaN, as in onnxruntime's pools.
+    #[inline(always)]
+    pub fn max(a: f32, b: f32) -> f32 {
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+
+    #[inline(always)]
+    pub fn max_assign(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a = max(*a, *x);
+        }
+    }
+
+    /// `out = max(a, b)` element-wise: a copy and an update in one pass.
+    #[inline(always)]
+    pub fn max2(out: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            *o = max(*a, *b);
+        }
+    }
+
+    #[inline(always)]
+    pub fn max3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+        for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
+            *o = max(max(*a, *b), *c);
+        }
+    }
+
+    #[inline(always)]
+    pub fn add2(out: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            *o = a + b;
+        }
+    }
+
+    #[inline(always)]
+    pub fn add3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+        for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
+            *o = a + b + c;
+        }
+    }
+
+    /// `out[i] = f(row[2i], row[2i + 1])`, and with `three` also `row[2i + 2]`: a window of 2
+    /// or 3 columns at stride 2 straight from the row, with no phase split (the compiler
+    /// de-interleaves in registers). `row` holds at least `2 * out.len() + three` elements.
+    #[inline(always)]
+    pub fn stride2_window(out: &mut [f32], row: &[f32], three: bool, f: impl Fn(f32, f32) -> f32) {
+        let n = out.len();
+        if three {
+            let row = &row[..2 * n + 1];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f(f(row[2 * i], row[2 * i + 1]), row[2 * i + 2]);
+            }
+        } else {
+            let row = &row[..2 * n];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f(row[2 * i], row[2 * i + 1]);
+            }
+        }
+    }
+
+    /// The two column phases of one input row padded with `pad` zeros in front (and as many
+    /// as needed after): `even[j] = padded[2j]`, `odd[j] = padded[2j + 1]`. One pass over
+    /// the row's pairs, which the compiler de-interleaves in registers; the few columns at
+    /// the edges that take padding one by one.
+    #[inline(always)]
+    pub fn split_pairs(even: &mut [f32], odd: &mut [f32], row: &[f32], pad: usize) {
+        let cols = even.len().min(odd.len());
+        let (w, at) = (row.len(), |t: usize| {
+            t.checked_sub(pad)
+                .and_then(|c| row.get(c))
+                .copied()
+                .unwrap_or(0.0)
+        });
+        // Columns whose two cells both lie in the row: 2j >= pad and 2j + 1 < pad + w.
+        let lo = pad.div_ceil(2).min(cols);
+        let hi = ((pad + w) / 2).clamp(lo, cols);
+        for j in (0..lo).chain(hi..cols) {
+            even[j] = at(2 * j);
+            odd[j] = at(2 * j + 1);
+        }
+        if lo < hi {
+            let pairs = row[2 * lo - pad..].chunks_exact(2);
+            for ((e, o), pair) in even[lo..hi].iter_mut().zip(&mut odd[lo..hi]).zip(pairs) {
+                *e = pair[0];
+                *o = pair[1];
+            }
+        }
+    }
+
+    /// `dst[k] = src[stride * k]`. Stride 2, the common one, is a de-interleave the compiler
+    /// vectorises; no bounds check in any loop.
+    #[inline(always)]
+    pub fn strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
+        let n = dst.len();
+        if n == 0 {
+            return;
+        }
+        assert!(stride >= 1 && src.len() > stride * (n - 1));
+        match stride {
+            1 => dst.copy_from_slice(&src[..n]),
+            2 => {
+                let whole = n.min(src.len() / 2);
+                let (head, tail) = dst.split_at_mut(whole);
+                for (d, pair) in head.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = pair[0];
+                }
+                if let Some(last) = tail.first_mut() {
+                    *last = src[2 * whole];
+                }
+            }
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                    *d = *s;
+                }
             }
         }
     }
 }
-
-// `dst[k] = src[2 * k]`, `src` at least `2 * dst.len() - 1` long.
-dispatch!(deinterleave(dst: &mut [f32], src: &[f32]) {
-    let whole = dst.len().min(src.len() / 2);
-    let (head, tail) = dst.split_at_mut(whole);
-    for (d, pair) in head.iter_mut().zip(src.chunks_exact(2)) {
-        *d = pair[0];
-    }
-    if let Some(last) = tail.first_mut() {
-        *last = src[2 * whole];
-    }
-});
 
 #[cfg(test)]
 mod tests {
@@ -173,6 +280,57 @@ mod tests {
         // A source one element short of the last read is refused, not read past.
         let short = std::panic::catch_unwind(|| strided_copy(&mut [0f32; 3], &[0f32; 4], 2));
         assert!(short.is_err());
+    }
+
+    #[test]
+    fn stride2_windows_cover_every_length_from_the_row() {
+        let row: Vec<f32> = (0..81).map(|v| ((v * 7) % 11) as f32 - 5.0).collect();
+        // Shorter than a vector, whole vectors, and a tail, up to the longest the row serves.
+        for n in 0..=40 {
+            for three in [false, true] {
+                let width = if three { 3 } else { 2 };
+                let window = |i: usize| &row[2 * i..2 * i + width];
+                let mut out = vec![f32::NAN; n];
+                inline::stride2_window(&mut out, &row, three, inline::max);
+                let expected: Vec<f32> = (0..n)
+                    .map(|i| window(i).iter().copied().fold(f32::MIN, f32::max))
+                    .collect();
+                assert_eq!(out, expected, "max of {width}, {n} outputs");
+                inline::stride2_window(&mut out, &row, three, |a, b| a + b);
+                let expected: Vec<f32> = (0..n).map(|i| window(i).iter().sum()).collect();
+                assert_eq!(out, expected, "sum of {width}, {n} outputs");
+            }
+        }
+        // A row one element short of the last window is refused, not read past.
+        let short = std::panic::catch_unwind(|| {
+            inline::stride2_window(&mut [0f32; 4], &[0f32; 8], true, inline::max)
+        });
+        assert!(short.is_err());
+    }
+
+    #[test]
+    fn split_pairs_is_the_padded_row_de_interleaved() {
+        for w in 0..12 {
+            let row: Vec<f32> = (1..=w).map(|v| v as f32).collect();
+            for pad in 0..4 {
+                // Phase rows shorter than, as long as, and longer than the padded row needs.
+                for cols in 0..(w + pad) / 2 + 3 {
+                    let padded = |t: usize| {
+                        t.checked_sub(pad)
+                            .and_then(|c| row.get(c))
+                            .copied()
+                            .unwrap_or(0.0)
+                    };
+                    let (mut even, mut odd) = (vec![f32::NAN; cols], vec![f32::NAN; cols]);
+                    inline::split_pairs(&mut even, &mut odd, &row, pad);
+                    let expected =
+                        |b: usize| -> Vec<f32> { (0..cols).map(|j| padded(2 * j + b)).collect() };
+                    let case = format!("{w} wide, pad {pad}, {cols} columns");
+                    assert_eq!(even, expected(0), "{case}");
+                    assert_eq!(odd, expected(1), "{case}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{MaxPool, SumPool};
 
 use super::geometry::Window2d;
-use super::kernels;
+use super::kernels::{self, inline};
 use crate::inference::warm;
 
 /// What a window's cells become.
@@ -35,10 +35,27 @@ impl Reduce {
         }
     }
 
-    fn assign(self, acc: &mut [f32], x: &[f32]) {
-        match self {
-            Reduce::Max => kernels::max_assign(acc, x),
-            Reduce::Sum { .. } => kernels::add_assign(acc, x),
+    /// `out` = the element-wise max (or sum) of `inputs`, each at least as long as `out`:
+    /// two or three at a time in one pass, the rest folded in after.
+    #[inline(always)]
+    fn combine(self, out: &mut [f32], inputs: &[&[f32]]) {
+        use inline::{add2, add3, add_assign, max2, max3, max_assign};
+        let (max, first) = (self == Reduce::Max, inputs.len().min(3));
+        match inputs[..first] {
+            [] => out.fill(self.padding()),
+            [a] => out.copy_from_slice(&a[..out.len()]),
+            [a, b] if max => max2(out, a, b),
+            [a, b] => add2(out, a, b),
+            [a, b, c] if max => max3(out, a, b, c),
+            [a, b, c] => add3(out, a, b, c),
+            _ => unreachable!("at most three inputs first"),
+        }
+        for x in &inputs[first..] {
+            if max {
+                max_assign(out, x)
+            } else {
+                add_assign(out, x)
+            }
         }
     }
 }
@@ -81,29 +98,41 @@ impl RowPool {
         (stride[1] * ow.saturating_sub(1) + kernel[1]).max(pad_before[1] + w)
     }
 
-    /// One channel plane. The horizontal pass is done as `kernel` contiguous passes: with the
-    /// padded row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), window
-    /// element `j` of every output column is `phase[j % stride][column + j / stride]`.
+    /// One channel plane, row by row: the window's input rows combined into one padded row,
+    /// then its window columns: 2 or 3 at stride 2 read straight from the row; otherwise the
+    /// row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), so that window
+    /// column `j` of every output column is `phase[j % stride][column + j / stride]`, and
+    /// those combined. Inlined into [`pool_plane`], one function per plane compiled for the
+    /// CPU's vector width: a call per row and window column cost more than the work.
+    #[inline(always)]
     fn plane(&self, x: &[f32], y: &mut [f32], [h, w]: [usize; 2], scratch: &mut Scratch) {
         let geometry = &self.geometry;
         let reduce = self.reduce;
         let [oh, ow] = geometry.output;
         let (pad, stride) = (geometry.pad_before[1], geometry.stride[1]);
+        let kw = geometry.kernel[1];
         for oy in 0..oh {
             let rows = geometry.window(0, oy, h);
             let out = &mut y[oy * ow..][..ow];
-            out.fill(reduce.padding());
             if rows.is_empty() {
+                out.fill(reduce.padding());
                 continue;
             }
-            let row = &mut scratch.row[pad..][..w];
-            row.copy_from_slice(&x[rows.start * w..][..w]);
-            for iy in rows.start + 1..rows.end {
-                reduce.assign(row, &x[iy * w..][..w]);
-            }
-            scratch.split_phases();
-            for j in 0..geometry.kernel[1] {
-                reduce.assign(out, &scratch.phases[j % stride][j / stride..][..ow]);
+            let inputs: TVec<&[f32]> = rows.clone().map(|iy| &x[iy * w..][..w]).collect();
+            reduce.combine(&mut scratch.row[pad..][..w], &inputs);
+            if stride == 2 && (kw == 2 || kw == 3) {
+                let (row, three) = (&scratch.row, kw == 3);
+                match reduce {
+                    Reduce::Max => inline::stride2_window(out, row, three, inline::max),
+                    Reduce::Sum { .. } => inline::stride2_window(out, row, three, |a, b| a + b),
+                }
+            } else {
+                scratch.split_phases();
+                let phases = &scratch.phases;
+                let taps: TVec<&[f32]> = (0..kw)
+                    .map(|j| &phases[j % stride][j / stride..][..ow])
+                    .collect();
+                reduce.combine(out, &taps);
             }
             if reduce == (Reduce::Sum { average: true }) {
                 let rows = 1.0 / rows.len() as f32;
@@ -114,6 +143,10 @@ impl RowPool {
         }
     }
 }
+
+kernels::dispatch!(pool_plane(op: &RowPool, x: &[f32], y: &mut [f32], hw: [usize; 2], scratch: &mut Scratch) {
+    op.plane(x, y, hw, scratch)
+});
 
 /// Buffers reused across the rows of one evaluation.
 struct Scratch {
@@ -139,13 +172,14 @@ impl Scratch {
         }
     }
 
-    /// `phases[p][i] = row[stride * i + p]`, a `kernels::strided_copy` per phase (as a
-    /// convolution's phase split): branch-free, a vectorised de-interleave for stride 2, where
-    /// a bounds-checked scalar gather was most of a pool's time. The row is in L1.
+    /// `phases[p][i] = row[stride * i + p]`, a strided copy per phase (as a convolution's
+    /// phase split): branch-free, a vectorised de-interleave for stride 2, where a
+    /// bounds-checked scalar gather was most of a pool's time. The row is in L1.
+    #[inline(always)]
     fn split_phases(&mut self) {
         let stride = self.phases.len();
         for (b, phase) in self.phases.iter_mut().enumerate() {
-            kernels::strided_copy(phase, &self.row[b..], stride);
+            inline::strided_copy(phase, &self.row[b..], stride);
         }
     }
 }
@@ -171,7 +205,7 @@ impl EvalOp for RowPool {
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
                 let mut scratch = Scratch::new(self, w);
                 for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
-                    self.plane(&x[ix * h * w..][..h * w], y, [h, w], &mut scratch);
+                    pool_plane(self, &x[ix * h * w..][..h * w], y, [h, w], &mut scratch);
                 }
             });
         }
