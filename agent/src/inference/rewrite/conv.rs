@@ -204,12 +204,16 @@ impl EvalOp for GemmConv {
                         scratch
                     }
                     Read::Phases => {
-                        for (x, phases) in x
-                            .chunks_exact(plane)
-                            .zip(scratch.chunks_exact_mut(sy * sx * self.geometry.phase_len()))
-                        {
-                            self.geometry.split(x, [h, w], phases);
-                        }
+                        // Channel planes split on the crew too: on one thread the padded
+                        // copies of a 3x3 layer's input were a serial part of a 2-thread run.
+                        let len = sy * sx * self.geometry.phase_len();
+                        let split = &mut scratch[..cin * len];
+                        warm::for_parts(split, len, cin * len, &|planes, phases| {
+                            for (c, phases) in planes.zip(phases.chunks_exact_mut(len)) {
+                                self.geometry
+                                    .split(&x[c * plane..][..plane], [h, w], phases);
+                            }
+                        });
                         scratch
                     }
                 };
