@@ -130,9 +130,7 @@ dispatch!(pub strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
 pub mod inline {
     #[inline(always)]
     pub fn add_assign(acc: &mut [f32], x: &[f32]) {
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a += x;
-        }
+        assign(acc, x, |a, b| a + b)
     }
 
     /// The larger of `a` and `b` as one `maxps` / `fmax` instruction: `f32::max`'s NaN rule
@@ -147,39 +145,27 @@ pub mod inline {
         }
     }
 
+    /// `acc[i] = f(acc[i], x[i])`.
     #[inline(always)]
-    pub fn max_assign(acc: &mut [f32], x: &[f32]) {
+    pub fn assign(acc: &mut [f32], x: &[f32], f: impl Fn(f32, f32) -> f32) {
         for (a, x) in acc.iter_mut().zip(x) {
-            *a = max(*a, *x);
+            *a = f(*a, *x);
         }
     }
 
-    /// `out = max(a, b)` element-wise: a copy and an update in one pass.
+    /// `out[i] = f(a[i], b[i])`: a copy and an update in one pass.
     #[inline(always)]
-    pub fn max2(out: &mut [f32], a: &[f32], b: &[f32]) {
+    pub fn combine2(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
         for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-            *o = max(*a, *b);
+            *o = f(*a, *b);
         }
     }
 
+    /// `out[i] = f(f(a[i], b[i]), c[i])`.
     #[inline(always)]
-    pub fn max3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    pub fn combine3(out: &mut [f32], [a, b, c]: [&[f32]; 3], f: impl Fn(f32, f32) -> f32) {
         for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
-            *o = max(max(*a, *b), *c);
-        }
-    }
-
-    #[inline(always)]
-    pub fn add2(out: &mut [f32], a: &[f32], b: &[f32]) {
-        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-            *o = a + b;
-        }
-    }
-
-    #[inline(always)]
-    pub fn add3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
-        for (((o, a), b), c) in out.iter_mut().zip(a).zip(b).zip(c) {
-            *o = a + b + c;
+            *o = f(f(*a, *b), *c);
         }
     }
 

@@ -39,24 +39,39 @@ impl Reduce {
     /// two or three at a time in one pass, the rest folded in after.
     #[inline(always)]
     fn combine(self, out: &mut [f32], inputs: &[&[f32]]) {
-        use inline::{add2, add3, add_assign, max2, max3, max_assign};
-        let (max, first) = (self == Reduce::Max, inputs.len().min(3));
-        match inputs[..first] {
-            [] => out.fill(self.padding()),
-            [a] => out.copy_from_slice(&a[..out.len()]),
-            [a, b] if max => max2(out, a, b),
-            [a, b] => add2(out, a, b),
-            [a, b, c] if max => max3(out, a, b, c),
-            [a, b, c] => add3(out, a, b, c),
-            _ => unreachable!("at most three inputs first"),
+        if inputs.is_empty() {
+            return out.fill(self.padding());
         }
-        for x in &inputs[first..] {
-            if max {
-                max_assign(out, x)
-            } else {
-                add_assign(out, x)
-            }
+        match self {
+            Reduce::Max => combine(out, inputs, inline::max),
+            Reduce::Sum { .. } => combine(out, inputs, |a, b| a + b),
         }
+    }
+
+    /// Output columns from a padded row: windows of 2 or 3 (`three`) columns at stride 2.
+    #[inline(always)]
+    fn stride2_window(self, out: &mut [f32], row: &[f32], three: bool) {
+        match self {
+            Reduce::Max => inline::stride2_window(out, row, three, inline::max),
+            Reduce::Sum { .. } => inline::stride2_window(out, row, three, |a, b| a + b),
+        }
+    }
+}
+
+/// [`Reduce::combine`] for one combining function (a function item or closure, so that each
+/// is compiled into its loops, not called through a pointer).
+#[inline(always)]
+fn combine(out: &mut [f32], inputs: &[&[f32]], f: impl Fn(f32, f32) -> f32 + Copy) {
+    let first = inputs.len().min(3);
+    match inputs[..first] {
+        [] => {}
+        [a] => out.copy_from_slice(&a[..out.len()]),
+        [a, b] => inline::combine2(out, a, b, f),
+        [a, b, c] => inline::combine3(out, [a, b, c], f),
+        _ => unreachable!("at most three inputs first"),
+    }
+    for x in &inputs[first..] {
+        inline::assign(out, x, f);
     }
 }
 
@@ -121,11 +136,7 @@ impl RowPool {
             let inputs: TVec<&[f32]> = rows.clone().map(|iy| &x[iy * w..][..w]).collect();
             reduce.combine(&mut scratch.row[pad..][..w], &inputs);
             if stride == 2 && (kw == 2 || kw == 3) {
-                let (row, three) = (&scratch.row, kw == 3);
-                match reduce {
-                    Reduce::Max => inline::stride2_window(out, row, three, inline::max),
-                    Reduce::Sum { .. } => inline::stride2_window(out, row, three, |a, b| a + b),
-                }
+                reduce.stride2_window(out, &scratch.row, kw == 3);
             } else {
                 scratch.split_phases();
                 let phases = &scratch.phases;
