@@ -94,11 +94,12 @@ impl EvalOp for RowDepthwiseConv {
             // Planes shared out over the inference's crew, each part with its own buffers.
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
                 // Slack after the last phase for the last run's reads (zeros, never output).
+                // Zeroed once: every plane's split writes the same cells, the padding stays 0.
                 let mut phases = vec![0f32; sy * sx * self.geometry.phase_len() + RUN];
                 let mut wide = vec![0f32; (oh * cols).next_multiple_of(RUN)];
                 for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
                     self.geometry
-                        .split(&x[ix * h * w..][..h * w], [h, w], &mut phases);
+                        .split_into_zeroed(&x[ix * h * w..][..h * w], [h, w], &mut phases);
                     self.plane(ix % channels, &phases, &taps, &mut wide, y);
                 }
             });

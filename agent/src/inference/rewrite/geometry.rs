@@ -72,7 +72,18 @@ impl Window2d {
     /// The zero-padded input plane split into `stride_y * stride_x` phase planes, row-major
     /// with `cols` columns: `phase[a][b][i][j] = x[stride_y * i + a - pad_y][stride_x * j + b -
     /// pad_x]`. Each phase has one spare row, so a tap's run may read past its last column.
-    pub fn split(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32]) {
+    pub fn split(&self, x: &[f32], hw: [usize; 2], phases: &mut [f32]) {
+        self.split_rows(x, hw, phases, true)
+    }
+
+    /// [`split`](Window2d::split) into phase planes whose padding cells hold zero already (a
+    /// buffer zeroed once and written only by this, for plane after plane of one geometry):
+    /// only the input's cells are written, which on small planes halves the calls per row.
+    pub fn split_into_zeroed(&self, x: &[f32], hw: [usize; 2], phases: &mut [f32]) {
+        self.split_rows(x, hw, phases, false)
+    }
+
+    fn split_rows(&self, x: &[f32], [h, w]: [usize; 2], phases: &mut [f32], zero_padding: bool) {
         let [_, cols] = self.phase_dims();
         let [sy, sx] = self.stride;
         let [py, px] = self.pad_before.map(|p| p as isize);
@@ -91,17 +102,20 @@ impl Window2d {
                     let odd = &mut odd[i * cols..][..cols];
                     match input {
                         Some(input) => kernels::inline::split_pairs(even, odd, input, px as usize),
-                        None => {
+                        None if zero_padding => {
                             even.fill(0.0);
                             odd.fill(0.0);
                         }
+                        None => {}
                     }
                     continue;
                 }
                 for b in 0..sx {
                     let row = &mut rows[b * size + i * cols..][..cols];
                     let Some(input) = input else {
-                        row.fill(0.0);
+                        if zero_padding {
+                            row.fill(0.0);
+                        }
                         continue;
                     };
                     // Columns j whose input column sx * j + b - px lies in 0..w.
@@ -110,8 +124,10 @@ impl Window2d {
                     let hi = ((w as isize + px - b as isize).max(0) as usize)
                         .div_ceil(sx)
                         .clamp(lo, cols);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
+                    if zero_padding {
+                        row[..lo].fill(0.0);
+                        row[hi..].fill(0.0);
+                    }
                     let offset = (sx * lo + b) as isize - px;
                     kernels::strided_copy(&mut row[lo..hi], &input[offset as usize..], sx);
                 }
