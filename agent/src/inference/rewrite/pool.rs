@@ -118,7 +118,7 @@ impl RowPool {
     /// row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), so that window
     /// column `j` of every output column is `phase[j % stride][column + j / stride]`, and
     /// those combined. Inlined into [`pool_plane`], one function per plane compiled for the
-    /// CPU's vector width: a call per row and window column cost more than the work.
+    /// CPU's vector width, so that every loop of a row inlines into it.
     #[inline(always)]
     fn plane(&self, x: &[f32], y: &mut [f32], [h, w]: [usize; 2], scratch: &mut Scratch) {
         let geometry = &self.geometry;
