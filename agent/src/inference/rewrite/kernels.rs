@@ -71,7 +71,7 @@ dispatch!(pub square(x: &[f32], y: &mut [f32]) {
 });
 
 dispatch!(pub add_assign(acc: &mut [f32], x: &[f32]) {
-    inline::add_assign(acc, x)
+    inline::assign(acc, x, |a, b| a + b)
 });
 
 // `y = x / (bias + k * sum)^0.75`, the exponent of every LRN in the model zoo, as
@@ -125,14 +125,9 @@ dispatch!(pub strided_copy(dst: &mut [f32], src: &[f32], stride: usize) {
 });
 
 /// The loops themselves, for a caller that runs a whole plane in one function of its own
-/// compiled by [`dispatch!`]: on small planes a call per row and per window column (each
-/// with its own feature check) cost more than the work (a pool's 13-wide rows).
+/// compiled by [`dispatch!`] (a pool), so that they inline into it and take its instruction
+/// set.
 pub mod inline {
-    #[inline(always)]
-    pub fn add_assign(acc: &mut [f32], x: &[f32]) {
-        assign(acc, x, |a, b| a + b)
-    }
-
     /// The larger of `a` and `b` as one `maxps` / `fmax` instruction: `f32::max`'s NaN rule
     /// (the number wins) costs a compare and a blend more per vector on x86. A window with a
     /// NaN may or may not give NaN, as in onnxruntime's pools.

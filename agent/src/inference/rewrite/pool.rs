@@ -113,6 +113,12 @@ impl RowPool {
         (stride[1] * ow.saturating_sub(1) + kernel[1]).max(pad_before[1] + w)
     }
 
+    /// Whether a row's window columns are read straight from it (2 or 3 at stride 2) rather
+    /// than from its stride phases.
+    fn columns_from_row(&self) -> bool {
+        self.geometry.stride[1] == 2 && matches!(self.geometry.kernel[1], 2 | 3)
+    }
+
     /// One channel plane, row by row: the window's input rows combined into one padded row,
     /// then its window columns: 2 or 3 at stride 2 read straight from the row; otherwise the
     /// row split into `stride` phases (`phase[p][i] = row[stride * i + p]`), so that window
@@ -135,7 +141,7 @@ impl RowPool {
             }
             let inputs: TVec<&[f32]> = rows.clone().map(|iy| &x[iy * w..][..w]).collect();
             reduce.combine(&mut scratch.row[pad..][..w], &inputs);
-            if stride == 2 && (kw == 2 || kw == 3) {
+            if self.columns_from_row() {
                 reduce.stride2_window(out, &scratch.row, kw == 3);
             } else {
                 scratch.split_phases();
@@ -163,8 +169,10 @@ kernels::dispatch!(pool_plane(op: &RowPool, x: &[f32], y: &mut [f32], hw: [usize
 struct Scratch {
     /// One input row with the padding value (`-inf` or 0) in its padding.
     row: Vec<f32>,
+    /// The row's stride phases, when its columns are not read from it directly.
     phases: Vec<Vec<f32>>,
-    /// 1 / (the count of the window's columns inside the input), per output column.
+    /// For averages: 1 / (the count of the window's columns inside the input), per output
+    /// column.
     column_divisors: Vec<f32>,
 }
 
@@ -176,10 +184,16 @@ impl Scratch {
         Scratch {
             // Long enough for every phase element: the phase split needs no bounds checks.
             row: vec![fill; op.padded_width(w).max(stride * phase_len)],
-            phases: vec![vec![fill; phase_len]; stride],
-            column_divisors: (0..op.geometry.output[1])
-                .map(|ox| 1.0 / op.geometry.window(1, ox, w).len() as f32)
-                .collect(),
+            phases: match op.columns_from_row() {
+                true => Vec::new(),
+                false => vec![vec![fill; phase_len]; stride],
+            },
+            column_divisors: match op.reduce {
+                Reduce::Sum { average: true } => (0..op.geometry.output[1])
+                    .map(|ox| 1.0 / op.geometry.window(1, ox, w).len() as f32)
+                    .collect(),
+                _ => Vec::new(),
+            },
         }
     }
 
