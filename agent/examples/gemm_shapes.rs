@@ -2,12 +2,12 @@
 //! SqueezeNet's first layer and ResNet-50's layers (`M` output channels, `K` = input channels x
 //! kernel taps, `N` output positions), on one thread and on all cores, best of 20 runs each,
 //! alternated so that machine noise hits both alike; for 3x3 and 7x7 layers also on one
-//! thread with whole phase rows (no `wrap`), counting only the output's columns.
-//! Prints a Markdown table.
+//! thread with whole phase rows (no `wrap`), counting only the output's columns. Every
+//! micro-kernel this CPU runs (AVX-512, AVX2). Prints a Markdown table.
 //!
 //! Usage: gemm_shapes
 
-use plaster_agent::inference::rewrite::gemm::{self, Epilogue, PackedA, RowsB};
+use plaster_agent::inference::rewrite::gemm::{self, Epilogue, Kernel, PackedA, RowsB};
 use plaster_agent::inference::warm::Crew;
 use std::time::Instant;
 
@@ -41,18 +41,19 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
 
 fn main() -> anyhow::Result<()> {
     if !gemm::available() {
-        println!("this CPU has no AVX-512: GemmConv does not run here (tract's matmul does)");
+        println!("this CPU has neither AVX-512 nor AVX2: GemmConv does not run here");
         return Ok(());
     }
     let cores = std::thread::available_parallelism()?.get();
     let crew = Crew::new(cores - 1);
     let _hot = crew.hold();
     println!(
-        "| layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup | 1 thread, wide rows |"
+        "| kernel | layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup | 1 thread, wide rows |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, m, k, n, wrap) in SHAPES {
-        let a = PackedA::new(&values(m * k, 1), m, k, &values(m, 3));
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let kernels = Kernel::ALL.into_iter().filter(|k| k.runs_here());
+    for (kernel, (name, m, k, n, wrap)) in kernels.flat_map(|kernel| SHAPES.map(|s| (kernel, s))) {
+        let a = PackedA::for_kernel(kernel, &values(m * k, 1), m, k, &values(m, 3));
         let span = wrap.map_or(n, |[width, pitch]| n / width * pitch);
         let b = values(k * span, 2);
         let offsets: Vec<usize> = (0..k).map(|kk| kk * span).collect();
@@ -91,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             None => "-".to_string(),
         };
         println!(
-            "| {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} | {wide} |",
+            "| {kernel:?} | {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} | {wide} |",
             gflop / best[0],
             gflop / best[1],
             best[0] / best[1]

@@ -538,7 +538,7 @@ fn profile_says_where_the_time_goes() {
         "ops cover {coverage} of a run ({in_ops} of {wall} ms in all)"
     );
     assert!((p["ops_ms_per_inference"].as_f64().unwrap() - in_ops).abs() < 1e-6 * wall.max(1.0));
-    // A CNN's convolutions are matmuls (ours on AVX-512 CPUs, else tract's): the cost model
+    // A CNN's convolutions are matmuls (ours on AVX-512 or AVX2 CPUs, else tract's): the cost model
     // gives their rate.
     let conv_op = if plaster_agent::inference::rewrite::gemm_kernel_available() {
         "GemmConv"

@@ -124,7 +124,7 @@ pub struct BenchArgs {
     pub threads: u16,
 
     /// Run tract's plan as tract optimises it, without our graph rewrites (folded and merged
-    /// per-channel chains, convolutions on our AVX-512 matrix multiply, our LRN, max pool and
+    /// per-channel chains, convolutions on our own matrix multiply, our LRN, max pool and
     /// depthwise ops): to compare, or to rule them out when reporting a bug
     #[arg(long)]
     pub no_rewrites: bool,

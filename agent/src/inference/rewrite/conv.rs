@@ -1,4 +1,4 @@
-//! Convolutions as our own blocked matrix multiply (`gemm.rs`), on CPUs with AVX-512.
+//! Convolutions as our own blocked matrix multiply (`gemm.rs`), on CPUs with AVX-512 or AVX2.
 //!
 //! tract runs a convolution as im2col then its matmul; on the model-zoo CNNs that matmul is
 //! 83-93% of the time (PERFORMANCE.md, bench/RESULTS.md). Here a convolution is one matrix

@@ -1,40 +1,114 @@
-//! A blocked f32 matrix multiply for convolutions, `C = relu?(A B + bias (+ R))`, with an AVX-512
-//! micro-kernel: `A` is a convolution's kernel (packed once, when the model is prepared), `B`
-//! is read as rows of the (phase-split) input at given offsets, so a convolution needs no
-//! im2col buffer, and `C` is written in place of the output.
+//! A blocked f32 matrix multiply for convolutions, `C = relu?(A B + bias (+ R))`, with a
+//! micro-kernel for AVX-512 and one for AVX2 + FMA, picked at run time: `A` is a
+//! convolution's kernel (packed once, when the model is prepared), `B` is read as rows of the
+//! (phase-split) input at given offsets, so a convolution needs no im2col buffer, and `C` is
+//! written in place of the output.
 //!
 //! The blocking is the usual one (Goto / BLIS): a `KC x NC` block of `B` is packed into
-//! `NR`-column strips that stay in L2, one strip (`KC x NR`, 36 KiB) stays in L1 while every
-//! `MR`-row panel of `A` in an `MC`-row block passes over it, and each micro-tile keeps its
-//! `MR x NR` sums in 24 zmm registers across the whole `KC` run.
+//! `NR`-column strips that stay in L2, one strip stays in L1 while every `MR`-row panel of `A`
+//! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
+//! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
 
 use std::cell::RefCell;
 use std::ops::Range;
 
 use crate::inference::warm::Crew;
 
-/// Rows of a micro-tile (output channels).
-pub const MR: usize = 8;
-/// Lanes of one zmm register.
-const LANES: usize = 16;
-/// Columns of a micro-tile (output positions): three registers per row.
-pub const NR: usize = 3 * LANES;
-/// 192: long enough to amortise loading and storing `C` between blocks (+4% over 128 on the
-/// deep layers of ResNet-50), short enough that a strip of `B` and an `A` panel share L1.
-const KC: usize = 192;
-const MC: usize = 128;
-const NC: usize = 20 * NR;
+/// A micro-kernel and the blocking it is tuned for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// `8 x 48` tiles on zmm registers (AVX-512F).
+    Avx512,
+    /// `6 x 16` tiles on ymm registers (AVX2 and FMA): the BLIS shape for Haswell-class and
+    /// Zen cores, 12 sums, two `B` vectors and a broadcast in 16 registers.
+    Avx2,
+}
 
-/// Whether this CPU runs the micro-kernel.
+impl Kernel {
+    /// Every kernel, best first.
+    pub const ALL: [Kernel; 2] = [Kernel::Avx512, Kernel::Avx2];
+
+    /// Whether this CPU runs the kernel.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Kernel::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// The best kernel this CPU runs.
+    pub fn best() -> Option<Kernel> {
+        Kernel::ALL.into_iter().find(|k| k.runs_here())
+    }
+
+    /// Rows of a micro-tile (output channels).
+    pub const fn mr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 8,
+            Kernel::Avx2 => 6,
+        }
+    }
+
+    /// Lanes of one register.
+    const fn lanes(self) -> usize {
+        match self {
+            Kernel::Avx512 => 16,
+            Kernel::Avx2 => 8,
+        }
+    }
+
+    /// Columns of a micro-tile (output positions): registers per row times lanes.
+    pub const fn nr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 3 * 16,
+            Kernel::Avx2 => 2 * 8,
+        }
+    }
+
+    /// The run of `k` a tile's sums stay in registers for. AVX-512: 192, long enough to
+    /// amortise loading and storing `C` between blocks (+4% over 128 on the deep layers of
+    /// ResNet-50), short enough that a strip of `B` (36 KiB) and an `A` panel share L1.
+    /// AVX2: a 16 KiB strip and a 6 KiB panel in a 32 KiB L1.
+    const fn kc(self) -> usize {
+        match self {
+            Kernel::Avx512 => 192,
+            Kernel::Avx2 => 256,
+        }
+    }
+
+    /// Rows of `A` whose `KC` block stays in L2 while the strips of `B` pass (a multiple of
+    /// `MR`).
+    const fn mc(self) -> usize {
+        match self {
+            Kernel::Avx512 => 128,
+            Kernel::Avx2 => 120,
+        }
+    }
+
+    /// Columns of `B` packed at a time. AVX2: 256, so that the packed block (256 KiB) and
+    /// `A`'s (120 KiB) share a 512 KiB L2.
+    const fn nc(self) -> usize {
+        match self {
+            Kernel::Avx512 => 20 * self.nr(),
+            Kernel::Avx2 => 16 * self.nr(),
+        }
+    }
+}
+
+/// Whether this CPU runs one of the micro-kernels.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::best().is_some()
 }
 
 /// `A` (`m x k`, row-major on input) packed in `MR`-row panels, zero rows past `m`, and the
@@ -47,39 +121,55 @@ pub fn available() -> bool {
 pub struct PackedA {
     pub m: usize,
     pub k: usize,
+    /// The kernel the panels are laid out for.
+    kernel: Kernel,
     panels: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl PackedA {
+    /// Packed for this CPU's best kernel; panics where there is none ([`available`]).
     pub fn new(a: &[f32], m: usize, k: usize, bias: &[f32]) -> PackedA {
+        let kernel = Kernel::best().expect("no GEMM micro-kernel runs on this CPU");
+        PackedA::for_kernel(kernel, a, m, k, bias)
+    }
+
+    /// Packed for `kernel` (which [`multiply`] then runs, so it must run here).
+    pub fn for_kernel(kernel: Kernel, a: &[f32], m: usize, k: usize, bias: &[f32]) -> PackedA {
         assert_eq!(a.len(), m * k);
         assert_eq!(bias.len(), m);
-        let count = m.div_ceil(MR);
-        let mut panels = vec![0f32; count * k * MR];
+        let (mr, kc) = (kernel.mr(), kernel.kc());
+        let count = m.div_ceil(mr);
+        let mut panels = vec![0f32; count * k * mr];
         for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
-            for (k0, block) in values.chunks(KC).enumerate().map(|(b, v)| (b * KC, v)) {
-                let panel = &mut panels[(k0 * count + (row / MR) * block.len()) * MR..];
+            for (k0, block) in values.chunks(kc).enumerate().map(|(b, v)| (b * kc, v)) {
+                let panel = &mut panels[(k0 * count + (row / mr) * block.len()) * mr..];
                 for (kk, v) in block.iter().enumerate() {
-                    panel[kk * MR + row % MR] = *v;
+                    panel[kk * mr + row % mr] = *v;
                 }
             }
         }
         let mut padded = bias.to_vec();
-        padded.resize(count * MR, 0.0);
+        padded.resize(count * mr, 0.0);
         PackedA {
             m,
             k,
+            kernel,
             panels,
             bias: padded,
         }
     }
 
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
     /// Panel `p`'s part of the block `ks` of `k` (one of the multiply's `KC` blocks).
     fn panel(&self, p: usize, ks: Range<usize>) -> &[f32] {
-        debug_assert!(ks.start.is_multiple_of(KC) && ks.end == (ks.start + KC).min(self.k));
-        let count = self.m.div_ceil(MR);
-        &self.panels[(ks.start * count + p * ks.len()) * MR..][..ks.len() * MR]
+        let (mr, kc) = (self.kernel.mr(), self.kernel.kc());
+        debug_assert!(ks.start.is_multiple_of(kc) && ks.end == (ks.start + kc).min(self.k));
+        let count = self.m.div_ceil(mr);
+        &self.panels[(ks.start * count + p * ks.len()) * mr..][..ks.len() * mr]
     }
 }
 
@@ -107,7 +197,7 @@ impl RowsB<'_> {
 
     /// Columns `j..j + cols` as runs contiguous in `base`, `(first column, from the row's
     /// offset, length)`, into `runs`; returns how many.
-    fn runs(&self, j: usize, cols: usize, runs: &mut [(usize, usize, usize); NR]) -> usize {
+    fn runs(&self, j: usize, cols: usize, runs: &mut [(usize, usize, usize); MAX_NR]) -> usize {
         let mut count = 0;
         let mut done = 0;
         while done < cols {
@@ -127,8 +217,12 @@ impl RowsB<'_> {
 /// thread. The crew's helpers are polling while an inference runs, so handing a part over
 /// costs microseconds, not a wake-up (`warm.rs`).
 const PARALLEL_MIN_FMAS: usize = 1 << 20;
-/// Columns a thread gets at least when the columns are split.
-const PARALLEL_MIN_COLS: usize = 4 * NR;
+/// Column tiles a thread gets at least when the columns are split.
+const PARALLEL_MIN_TILES: usize = 4;
+/// The widest kernel's `NR`.
+const MAX_NR: usize = 48;
+/// The widest kernel's lanes: the padding a strip's start is aligned within.
+const MAX_LANES: usize = 16;
 
 thread_local! {
     /// Packed blocks of `B`, per thread, grown and never shrunk: a fresh buffer per call would
@@ -162,7 +256,12 @@ pub fn multiply(
     epilogue: Epilogue,
     crew: Option<&Crew>,
 ) {
-    assert!(available(), "the GEMM micro-kernel needs AVX-512");
+    let kernel = a.kernel;
+    assert!(
+        kernel.runs_here(),
+        "this CPU does not run the {kernel:?} GEMM kernel"
+    );
+    let (mr, nr) = (kernel.mr(), kernel.nr());
     assert_eq!(b.offsets.len(), a.k);
     assert!(b.n <= ldc);
     assert!(b
@@ -187,14 +286,14 @@ pub fn multiply(
     let blocks: Vec<(Range<usize>, Range<usize>)> =
         if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
             vec![(0..a.m, 0..b.n)]
-        } else if b.n >= threads * PARALLEL_MIN_COLS {
-            let per = b.n.div_ceil(threads).next_multiple_of(NR);
+        } else if b.n >= threads * PARALLEL_MIN_TILES * nr {
+            let per = b.n.div_ceil(threads).next_multiple_of(nr);
             (0..b.n)
                 .step_by(per)
                 .map(|j| (0..a.m, j..(j + per).min(b.n)))
                 .collect()
         } else {
-            let per = a.m.div_ceil(MR).div_ceil(threads) * MR;
+            let per = a.m.div_ceil(mr).div_ceil(threads) * mr;
             (0..a.m)
                 .step_by(per)
                 .map(|i| (i..(i + per).min(a.m), 0..b.n))
@@ -237,40 +336,50 @@ unsafe fn block(
     out: &Out,
     pack: &mut Vec<f32>,
 ) {
-    assert!(rows.start.is_multiple_of(MR) && rows.end <= a.m && cols.end <= b.n);
+    let kernel = a.kernel;
+    let (mr, nr, lanes, kc, mc, nc) = (
+        kernel.mr(),
+        kernel.nr(),
+        kernel.lanes(),
+        kernel.kc(),
+        kernel.mc(),
+        kernel.nc(),
+    );
+    assert!(rows.start.is_multiple_of(mr) && rows.end <= a.m && cols.end <= b.n);
     if rows.is_empty() || cols.is_empty() {
         return;
     }
-    let need = KC.min(a.k.max(1)) * NC + LANES;
+    let need = kc.min(a.k.max(1)) * nc + MAX_LANES;
     if pack.len() < need {
         pack.resize(need, 0.0);
     }
     // Strips start on a cache line, so that no load of `B` in the micro-kernel straddles two
     // (the allocator only promises 16 bytes).
-    let skip = pack.as_ptr().align_offset(64).min(LANES);
+    let skip = pack.as_ptr().align_offset(64).min(MAX_LANES);
     let pack = &mut pack[skip..];
-    for j0 in cols.clone().step_by(NC) {
-        let nc = NC.min(cols.end - j0);
-        for k0 in (0..a.k.max(1)).step_by(KC) {
-            let ks = k0..(k0 + KC).min(a.k);
-            pack_b(b, ks.clone(), j0..j0 + nc, pack);
+    for j0 in cols.clone().step_by(nc) {
+        let ncols = nc.min(cols.end - j0);
+        for k0 in (0..a.k.max(1)).step_by(kc) {
+            let ks = k0..(k0 + kc).min(a.k);
+            pack_b(kernel, b, ks.clone(), j0..j0 + ncols, pack);
             let first = k0 == 0;
             let last = ks.end >= a.k;
-            for i0 in rows.clone().step_by(MC) {
-                let i1 = (i0 + MC).min(rows.end);
-                for (s, j) in (0..nc).step_by(NR).enumerate() {
-                    let tile_cols = NR.min(nc - j);
+            for i0 in rows.clone().step_by(mc) {
+                let i1 = (i0 + mc).min(rows.end);
+                for (s, j) in (0..ncols).step_by(nr).enumerate() {
+                    let tile_cols = nr.min(ncols - j);
                     let strip =
-                        &pack[s * ks.len() * NR..][..ks.len() * tile_cols.div_ceil(LANES) * LANES];
-                    for p in i0 / MR..i1.div_ceil(MR) {
-                        let r0 = p * MR;
+                        &pack[s * ks.len() * nr..][..ks.len() * tile_cols.div_ceil(lanes) * lanes];
+                    for p in i0 / mr..i1.div_ceil(mr) {
+                        let r0 = p * mr;
                         let tile = Tile {
+                            kernel,
                             a: a.panel(p, ks.clone()),
                             b: strip,
                             kc: ks.len(),
-                            rows: MR.min(rows.end - r0),
+                            rows: mr.min(rows.end - r0),
                             cols: tile_cols,
-                            bias: first.then(|| &a.bias[r0..r0 + MR]),
+                            bias: first.then(|| &a.bias[r0..r0 + mr]),
                             relu: last && out.relu,
                             add: out
                                 .add
@@ -289,27 +398,76 @@ unsafe fn block(
 
 /// Packs `b[ks, js]` as strips of `NR` columns (the last one as wide as it needs in whole
 /// registers, zero-padded): `strip[s][kk][j]`.
-fn pack_b(b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &mut [f32]) {
+///
+/// Row by row of `B`, each read front to back: one stream at a time for the prefetcher.
+/// Strip by strip, every strip read a line from each of its `KC` rows, and with AVX2 (16-
+/// column strips) ResNet-50 ran slower: median of 8 alternating rounds 192 vs 169-173 ms
+/// (bench/RESULTS.md).
+fn pack_b(kernel: Kernel, b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &mut [f32]) {
+    let (nr, lanes) = (kernel.nr(), kernel.lanes());
     let kc = ks.len();
-    let mut segments = [(0, 0, 0); NR];
-    for (s, j) in js.clone().step_by(NR).enumerate() {
-        let cols = NR.min(js.end - j);
-        let width = cols.div_ceil(LANES) * LANES;
+    // Every strip's runs in column order: `(where the run starts in the strip's first row,
+    // the strip's row width, the run's column from a row's offset, its length)`.
+    let mut segments = [(0, 0, 0); MAX_NR];
+    let mut runs = Vec::with_capacity(js.len().div_ceil(nr) * 2);
+    let mut last = (0, 0, 0);
+    for (s, j) in js.clone().step_by(nr).enumerate() {
+        let cols = nr.min(js.end - j);
+        let width = cols.div_ceil(lanes) * lanes;
         let count = b.runs(j, cols, &mut segments);
-        let runs = &segments[..count];
-        let strip = &mut pack[s * kc * NR..][..kc * width];
-        for (dst, &offset) in strip.chunks_exact_mut(width).zip(&b.offsets[ks.clone()]) {
-            for &(at, from, len) in runs {
-                dst[at..at + len].copy_from_slice(&b.base[offset + from..][..len]);
-            }
-            dst[cols..].fill(0.0);
+        let start = s * kc * nr;
+        runs.extend(
+            segments[..count]
+                .iter()
+                .map(|&(at, from, len)| (start + at, width, from, len)),
+        );
+        last = (start, cols, width);
+    }
+    let (last_start, last_cols, last_width) = last;
+    for (kk, &offset) in b.offsets[ks].iter().enumerate() {
+        let row = &b.base[offset..];
+        for &(start, width, from, len) in &runs {
+            copy_run(&mut pack[start + kk * width..][..len], &row[from..][..len]);
         }
+        if last_cols < last_width {
+            pack[last_start + kk * last_width..][last_cols..last_width].fill(0.0);
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for runs of at most `NR` elements, as register moves: a
+/// `memcpy` call per run cost as much as a third of a 3x3 layer's multiply with AVX2 (16-
+/// column strips, `perf`), and the compiler keeps these fixed-size copies inline.
+#[inline(always)]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    debug_assert_eq!(dst.len(), src.len());
+    let mut to = dst.chunks_exact_mut(8);
+    let mut from = src.chunks_exact(8);
+    for (to, from) in (&mut to).zip(&mut from) {
+        let eight: [f32; 8] = from.try_into().unwrap();
+        to.copy_from_slice(&eight);
+    }
+    let (to, from) = (to.into_remainder(), from.remainder());
+    let mut i = 0;
+    if from.len() >= 4 {
+        let four: [f32; 4] = from[..4].try_into().unwrap();
+        to[..4].copy_from_slice(&four);
+        i = 4;
+    }
+    if from.len() - i >= 2 {
+        let two: [f32; 2] = from[i..i + 2].try_into().unwrap();
+        to[i..i + 2].copy_from_slice(&two);
+        i += 2;
+    }
+    if i < from.len() {
+        to[i] = from[i];
     }
 }
 
 /// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and a strip of `B` whose
 /// rows are `cols` rounded up to whole registers wide.
 struct Tile<'a> {
+    kernel: Kernel,
     a: &'a [f32],
     b: &'a [f32],
     kc: usize,
@@ -330,19 +488,22 @@ impl Tile<'_> {
     /// Those elements are inside one buffer, and no other thread touches them meanwhile;
     /// with `add`, the same elements from it are inside one buffer.
     unsafe fn run(&self, c: *mut f32, ldc: usize) {
-        let vectors = self.cols.div_ceil(LANES);
-        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= NR);
-        assert_eq!(self.a.len(), self.kc * MR);
-        assert_eq!(self.b.len(), self.kc * vectors * LANES);
-        assert!(self.bias.is_none_or(|b| b.len() == MR));
+        let (mr, nr, lanes) = (self.kernel.mr(), self.kernel.nr(), self.kernel.lanes());
+        let vectors = self.cols.div_ceil(lanes);
+        assert!(self.rows >= 1 && self.rows <= mr && self.cols >= 1 && self.cols <= nr);
+        assert_eq!(self.a.len(), self.kc * mr);
+        assert_eq!(self.b.len(), self.kc * vectors * lanes);
+        assert!(self.bias.is_none_or(|b| b.len() == mr));
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `multiply` checked that the CPU has AVX-512F; the assertions above bound the
-        // kernel's reads of `a`, `b` and `bias`, and the caller its masked accesses to `c`.
+        // SAFETY: `multiply` checked that the CPU runs the kernel; the assertions above bound
+        // the kernel's reads of `a`, `b` and `bias`, and the caller its accesses to `c`.
         unsafe {
-            match vectors {
-                1 => avx512::tile::<1>(self, c, ldc),
-                2 => avx512::tile::<2>(self, c, ldc),
-                _ => avx512::tile::<3>(self, c, ldc),
+            match (self.kernel, vectors) {
+                (Kernel::Avx512, 1) => avx512::tile::<1>(self, c, ldc),
+                (Kernel::Avx512, 2) => avx512::tile::<2>(self, c, ldc),
+                (Kernel::Avx512, _) => avx512::tile::<3>(self, c, ldc),
+                (Kernel::Avx2, 1) => avx2::tile::<1>(self, c, ldc),
+                (Kernel::Avx2, _) => avx2::tile::<2>(self, c, ldc),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -354,7 +515,10 @@ impl Tile<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, LANES, MR};
+    use super::Tile;
+
+    const MR: usize = super::Kernel::Avx512.mr();
+    const LANES: usize = 16;
 
     /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
     const PREFETCH_A: usize = 1024;
@@ -440,6 +604,118 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    const MR: usize = super::Kernel::Avx2.mr();
+    const LANES: usize = 8;
+    /// The widest tile's columns.
+    const NR: usize = super::Kernel::Avx2.nr();
+    /// As the AVX-512 kernel's: 32 steps of `k` ahead.
+    const PREFETCH_A: usize = 32 * MR * 4;
+
+    /// A tile of `rows x cols` (`V` = `cols / 8` rounded up). AVX2 has no cheap masked
+    /// store, so a tile on the edge of `C` goes through a whole one on the stack.
+    ///
+    /// # Safety
+    /// As `Tile::run`'s, and the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const V: usize>(t: &Tile, c: *mut f32, ldc: usize) {
+        if t.rows == MR && t.cols == V * LANES {
+            // SAFETY: the whole tile is the caller's.
+            return unsafe { whole::<V>(t, c, ldc, t.add) };
+        }
+        let mut sums = [0f32; MR * NR];
+        let mut add = [0f32; MR * NR];
+        for r in 0..t.rows {
+            let (sums, add) = (&mut sums[r * NR..][..t.cols], &mut add[r * NR..][..t.cols]);
+            // SAFETY: row `r`'s `cols` elements are the caller's, in `c` and in `t.add`.
+            unsafe {
+                if t.bias.is_none() {
+                    sums.copy_from_slice(std::slice::from_raw_parts(c.add(r * ldc), t.cols));
+                }
+                if let Some(from) = t.add {
+                    add.copy_from_slice(std::slice::from_raw_parts(from.add(r * ldc), t.cols));
+                }
+            }
+        }
+        let from = t.add.map(|_| add.as_ptr());
+        // SAFETY: `sums` and `add` hold `MR` rows of `NR`.
+        unsafe { whole::<V>(t, sums.as_mut_ptr(), NR, from) };
+        for (r, sums) in sums.chunks_exact(NR).take(t.rows).enumerate() {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), t.cols) }
+                .copy_from_slice(&sums[..t.cols]);
+        }
+    }
+
+    /// The `6 x (V * 8)` micro-kernel on a whole tile of `c` (and of `add`, as `c`'s), with
+    /// constant trip counts so that the loops unroll and the sums stay in registers.
+    #[allow(clippy::needless_range_loop)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn whole<const V: usize>(t: &Tile, c: *mut f32, ldc: usize, add: Option<*const f32>) {
+        let mut acc = [[_mm256_setzero_ps(); V]; MR];
+        for r in 0..MR {
+            for v in 0..V {
+                acc[r][v] = match t.bias {
+                    Some(bias) => _mm256_set1_ps(bias[r]),
+                    // SAFETY: the tile is the caller's.
+                    None => unsafe { _mm256_loadu_ps(c.add(r * ldc + v * LANES)) },
+                };
+            }
+        }
+        let mut a = t.a.as_ptr();
+        let mut b = t.b.as_ptr();
+        for _ in 0..t.kc {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
+            let mut bv = [_mm256_setzero_ps(); V];
+            for v in 0..V {
+                // SAFETY: `Tile::run` checked `b`'s length: `kc` rows of `V` registers.
+                bv[v] = unsafe { _mm256_loadu_ps(b.add(v * LANES)) };
+            }
+            for r in 0..MR {
+                // SAFETY: and `a`'s: `kc` rows of `MR`.
+                let ar = _mm256_set1_ps(unsafe { *a.add(r) });
+                for v in 0..V {
+                    acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
+                }
+            }
+            // SAFETY: one past the last row at most.
+            unsafe {
+                a = a.add(MR);
+                b = b.add(V * LANES);
+            }
+        }
+        if let Some(add) = add {
+            for r in 0..MR {
+                for v in 0..V {
+                    // SAFETY: the tile is the caller's in `add` too.
+                    let x = unsafe { _mm256_loadu_ps(add.add(r * ldc + v * LANES)) };
+                    acc[r][v] = _mm256_add_ps(acc[r][v], x);
+                }
+            }
+        }
+        if t.relu {
+            let zero = _mm256_setzero_ps();
+            for row in acc.iter_mut() {
+                for x in row.iter_mut() {
+                    *x = _mm256_max_ps(*x, zero);
+                }
+            }
+        }
+        for r in 0..MR {
+            for v in 0..V {
+                // SAFETY: the tile is the caller's.
+                unsafe { _mm256_storeu_ps(c.add(r * ldc + v * LANES), acc[r][v]) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,11 +742,15 @@ mod tests {
             .collect()
     }
 
+    /// Every kernel this CPU runs (none, on a CPU without AVX2: nothing to check there).
     #[test]
     fn matches_a_plain_matrix_multiply_on_ragged_shapes() {
-        if !available() {
-            return;
+        for kernel in Kernel::ALL.into_iter().filter(|k| k.runs_here()) {
+            matches_a_plain_matrix_multiply(kernel);
         }
+    }
+
+    fn matches_a_plain_matrix_multiply(kernel: Kernel) {
         let crew = Crew::new(2);
         let _hot = crew.hold();
         // Rows not a multiple of MR, columns of every tail width, K across several KC blocks,
@@ -482,13 +762,13 @@ mod tests {
             (13, 27, 49),
             (16, 129, 63),
             (30, 300, 17),
-            (64, 257, NC + NR + 5),
-            (250, 300, 49),
+            (64, 257, kernel.nc() + kernel.nr() + 5),
+            (250, 600, 49),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let bias = values(m, 3);
-            let packed = PackedA::new(&a, m, k, &bias);
+            let packed = PackedA::for_kernel(kernel, &a, m, k, &bias);
             let expected = reference(&a, &b, &bias, m, k, n);
             // B contiguous, and in runs of 7 columns 9 apart (a convolution's 7-wide output
             // rows read from 9-wide phase rows); the gaps hold NaN, which must not be read.
@@ -537,10 +817,10 @@ mod tests {
                         let got = c[i * ldc + j];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
+                            "{kernel:?} {m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
-                    assert_eq!(c[i * ldc + n], 7.0, "{m}x{k}x{n}: column past n written");
+                    assert_eq!(c[i * ldc + n], 7.0, "{kernel:?} {m}x{k}x{n}: column past n");
                 }
             }
         }

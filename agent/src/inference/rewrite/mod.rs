@@ -37,7 +37,7 @@ pub struct Applied {
     /// Per-channel multiply / add chains folded into a grouped convolution's kernel and bias.
     pub folded_into_convs: usize,
     /// Convolutions (and the multiply / add / ReLU chain after each) replaced by `GemmConv`,
-    /// our AVX-512 matrix multiply; 0 on CPUs without AVX-512.
+    /// our matrix multiply (AVX-512 or AVX2 + FMA); 0 on CPUs with neither (and on aarch64).
     #[serde(default)]
     pub gemm_convs: usize,
     /// Chains of per-channel multiply / add / ReLU merged into one `ChannelAffine` pass each.
@@ -103,7 +103,8 @@ impl Applied {
     }
 }
 
-/// Whether this CPU runs `GemmConv`'s kernel (AVX-512): elsewhere convolutions stay tract's.
+/// Whether this CPU runs one of `GemmConv`'s kernels (AVX-512, AVX2 + FMA): elsewhere
+/// convolutions stay tract's.
 pub fn gemm_kernel_available() -> bool {
     gemm::available()
 }
