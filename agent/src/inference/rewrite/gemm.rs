@@ -220,7 +220,7 @@ const PARALLEL_MIN_FMAS: usize = 1 << 20;
 /// Column tiles a thread gets at least when the columns are split.
 const PARALLEL_MIN_TILES: usize = 4;
 /// The widest kernel's `NR`.
-const MAX_NR: usize = 48;
+const MAX_NR: usize = Kernel::Avx512.nr();
 /// The widest kernel's lanes: the padding a strip's start is aligned within.
 const MAX_LANES: usize = 16;
 
