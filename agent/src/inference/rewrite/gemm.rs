@@ -47,9 +47,14 @@ impl Kernel {
         }
     }
 
+    /// The kernels this CPU runs, best first.
+    pub fn here() -> impl Iterator<Item = Kernel> {
+        Kernel::ALL.into_iter().filter(|k| k.runs_here())
+    }
+
     /// The best kernel this CPU runs.
     pub fn best() -> Option<Kernel> {
-        Kernel::ALL.into_iter().find(|k| k.runs_here())
+        Kernel::here().next()
     }
 
     /// Rows of a micro-tile (output channels).
@@ -160,10 +165,6 @@ impl PackedA {
         }
     }
 
-    pub fn kernel(&self) -> Kernel {
-        self.kernel
-    }
-
     /// Panel `p`'s part of the block `ks` of `k` (one of the multiply's `KC` blocks).
     fn panel(&self, p: usize, ks: Range<usize>) -> &[f32] {
         let (mr, kc) = (self.kernel.mr(), self.kernel.kc());
@@ -222,7 +223,7 @@ const PARALLEL_MIN_TILES: usize = 4;
 /// The widest kernel's `NR`.
 const MAX_NR: usize = Kernel::Avx512.nr();
 /// The widest kernel's lanes: the padding a strip's start is aligned within.
-const MAX_LANES: usize = 16;
+const MAX_LANES: usize = Kernel::Avx512.lanes();
 
 thread_local! {
     /// Packed blocks of `B`, per thread, grown and never shrunk: a fresh buffer per call would
@@ -435,9 +436,9 @@ fn pack_b(kernel: Kernel, b: &RowsB, ks: Range<usize>, js: Range<usize>, pack: &
     }
 }
 
-/// `dst.copy_from_slice(src)` for runs of at most `NR` elements, as register moves: a
-/// `memcpy` call per run cost as much as a third of a 3x3 layer's multiply with AVX2 (16-
-/// column strips, `perf`), and the compiler keeps these fixed-size copies inline.
+/// `dst.copy_from_slice(src)` for runs of at most `NR` elements, as register moves: with AVX2
+/// (16-column strips) a `memcpy` call per run took half as long as the micro-kernel itself
+/// over gemm_shapes' layers (`perf`), and the compiler keeps these fixed-size copies inline.
 #[inline(always)]
 fn copy_run(dst: &mut [f32], src: &[f32]) {
     debug_assert_eq!(dst.len(), src.len());
@@ -518,7 +519,7 @@ mod avx512 {
     use super::Tile;
 
     const MR: usize = super::Kernel::Avx512.mr();
-    const LANES: usize = 16;
+    const LANES: usize = super::Kernel::Avx512.lanes();
 
     /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
     const PREFETCH_A: usize = 1024;
@@ -611,7 +612,7 @@ mod avx2 {
     use super::Tile;
 
     const MR: usize = super::Kernel::Avx2.mr();
-    const LANES: usize = 8;
+    const LANES: usize = super::Kernel::Avx2.lanes();
     /// The widest tile's columns.
     const NR: usize = super::Kernel::Avx2.nr();
     /// As the AVX-512 kernel's: 32 steps of `k` ahead.
@@ -745,7 +746,7 @@ mod tests {
     /// Every kernel this CPU runs (none, on a CPU without AVX2: nothing to check there).
     #[test]
     fn matches_a_plain_matrix_multiply_on_ragged_shapes() {
-        for kernel in Kernel::ALL.into_iter().filter(|k| k.runs_here()) {
+        for kernel in Kernel::here() {
             matches_a_plain_matrix_multiply(kernel);
         }
     }
@@ -820,7 +821,11 @@ mod tests {
                             "{kernel:?} {m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
-                    assert_eq!(c[i * ldc + n], 7.0, "{kernel:?} {m}x{k}x{n}: column past n");
+                    assert_eq!(
+                        c[i * ldc + n],
+                        7.0,
+                        "{kernel:?} {m}x{k}x{n}: column past n written"
+                    );
                 }
             }
         }
