@@ -139,8 +139,20 @@ impl RowPool {
                 out.fill(reduce.padding());
                 continue;
             }
-            let inputs: TVec<&[f32]> = rows.clone().map(|iy| &x[iy * w..][..w]).collect();
-            reduce.combine(&mut scratch.row[pad..][..w], &inputs);
+            let row = |iy: usize| &x[iy * w..][..w];
+            let combined = &mut scratch.row[pad..][..w];
+            if rows.len() <= 3 {
+                // The usual window, on the stack: collecting a `TVec` per output row was a
+                // call and a store-forwarding stall (`perf`).
+                let mut few = [&x[..0]; 3];
+                for (input, iy) in few.iter_mut().zip(rows.clone()) {
+                    *input = row(iy);
+                }
+                reduce.combine(combined, &few[..rows.len()]);
+            } else {
+                let inputs: TVec<&[f32]> = rows.clone().map(row).collect();
+                reduce.combine(combined, &inputs);
+            }
             if self.columns_from_row() {
                 reduce.stride2_window(out, &scratch.row, kw == 3);
             } else {
