@@ -23,7 +23,7 @@ use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::Downsample;
 
 use super::affine::{compose, step_of, steps_after, Step};
-use super::gemm::{self, Epilogue, PackedA, RowsB};
+use super::gemm::{self, Epilogue, Layout, PackedA, RowsB};
 use super::geometry::Window2d;
 use super::{conv_constants, f32_values, sole_reader};
 use crate::inference::warm::{self, Crew};
@@ -67,14 +67,16 @@ impl Op for GemmConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let columns = self.groups.iter().any(|g| g.layout() == Layout::Columns);
         Ok(vec![format!(
-            "{} -> {} channels, {} group(s), {}{}{}",
+            "{} -> {} channels, {} group(s), {}{}{}{}",
             self.input_channels,
             self.output_channels(),
             self.groups.len(),
             self.geometry.info(),
             if self.residual { ", + residual" } else { "" },
-            if self.relu { ", relu" } else { "" }
+            if self.relu { ", relu" } else { "" },
+            if columns { ", column kernel" } else { "" }
         )])
     }
 
@@ -539,12 +541,17 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
             }
         }
         let m = cout / groups;
+        // The product's columns: the output positions.
+        let n = geometry.output.iter().product();
         let op = GemmConv {
+            groups: (0..groups)
+                .map(|g| {
+                    let (a, bias) = (&weights[g * m * k..][..m * k], &bias[g * m..][..m]);
+                    PackedA::new(a, m, k, bias, n)
+                })
+                .collect(),
             geometry,
             input_channels,
-            groups: (0..groups)
-                .map(|g| PackedA::new(&weights[g * m * k..][..m * k], m, k, &bias[g * m..][..m]))
-                .collect(),
             residual: residual.is_some(),
             relu,
             output_shape,

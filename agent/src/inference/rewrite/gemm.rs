@@ -116,6 +116,45 @@ pub fn available() -> bool {
     Kernel::best().is_some()
 }
 
+/// Rows of `A` in one strip of the [`Layout::Columns`] layout: three AVX-512 vectors of
+/// output channels.
+const STRIP: usize = 48;
+/// The most columns of `B` a [`Layout::Columns`] tile broadcasts per step of `k`.
+const MAX_COLUMNS: usize = 8;
+
+/// How [`PackedA`] lays `A` out, and so which loop nest [`multiply`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `MR`-row panels: tiles of `MR` rows by `NR` columns over packed strips of `B`, the
+    /// columns in vectors. For products with many columns.
+    Panels,
+    /// 48-row strips (output channels in the vectors), `B`'s elements broadcast straight from
+    /// its rows, up to 8 columns a tile, nothing packed. For products with few columns: a
+    /// 7x7 layer's 49 cost the panels 64 columns' work (48 + a 16-wide tile for the last
+    /// one), here 49. AVX-512 only.
+    Columns,
+}
+
+impl Layout {
+    /// The layout that spends fewer multiply-adds on padding for an `m x n` product (rows
+    /// rounded up to `MR` or 48, columns to `NR` and whole vectors or not at all), `Columns`
+    /// only when it saves a tenth or more.
+    pub fn for_product(kernel: Kernel, m: usize, n: usize) -> Layout {
+        if kernel != Kernel::Avx512 {
+            return Layout::Panels;
+        }
+        let (nr, lanes) = (kernel.nr(), kernel.lanes());
+        let panels =
+            m.next_multiple_of(kernel.mr()) * (n / nr * nr + (n % nr).next_multiple_of(lanes));
+        let columns = m.next_multiple_of(STRIP) * n;
+        if columns * 10 <= panels * 9 {
+            Layout::Columns
+        } else {
+            Layout::Panels
+        }
+    }
+}
+
 /// `A` (`m x k`, row-major on input) packed in `MR`-row panels, zero rows past `m`, and the
 /// bias padded the same way. The panels are cut into the `KC`-long blocks of `k` the multiply
 /// runs, and a block's panels lie one after another, `block[p][kk][r]`: the multiply reads
@@ -128,21 +167,57 @@ pub struct PackedA {
     pub k: usize,
     /// The kernel the panels are laid out for.
     kernel: Kernel,
+    layout: Layout,
+    /// `Layout::Panels`: as above. `Layout::Columns`: 48-row strips, `strip[s][kk][r]`.
     panels: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl PackedA {
-    /// Packed for this CPU's best kernel; panics where there is none ([`available`]).
-    pub fn new(a: &[f32], m: usize, k: usize, bias: &[f32]) -> PackedA {
+    /// Packed for this CPU's best kernel and the layout that suits products of `n` columns
+    /// ([`Layout::for_product`]); panics where no kernel runs ([`available`]).
+    pub fn new(a: &[f32], m: usize, k: usize, bias: &[f32], n: usize) -> PackedA {
         let kernel = Kernel::best().expect("no GEMM micro-kernel runs on this CPU");
-        PackedA::for_kernel(kernel, a, m, k, bias)
+        PackedA::with_layout(kernel, Layout::for_product(kernel, m, n), a, m, k, bias)
     }
 
-    /// Packed for `kernel` (which [`multiply`] then runs, so it must run here).
+    /// Packed in panels for `kernel` (which [`multiply`] then runs, so it must run here).
     pub fn for_kernel(kernel: Kernel, a: &[f32], m: usize, k: usize, bias: &[f32]) -> PackedA {
+        PackedA::with_layout(kernel, Layout::Panels, a, m, k, bias)
+    }
+
+    /// Packed for `kernel` in `layout` (`Columns` needs the AVX-512 kernel).
+    pub fn with_layout(
+        kernel: Kernel,
+        layout: Layout,
+        a: &[f32],
+        m: usize,
+        k: usize,
+        bias: &[f32],
+    ) -> PackedA {
         assert_eq!(a.len(), m * k);
         assert_eq!(bias.len(), m);
+        if layout == Layout::Columns {
+            assert_eq!(kernel, Kernel::Avx512, "the column layout is AVX-512's");
+            let strips = m.div_ceil(STRIP);
+            let mut panels = vec![0f32; strips * k * STRIP];
+            for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
+                let strip = &mut panels[(row / STRIP) * k * STRIP..];
+                for (kk, v) in values.iter().enumerate() {
+                    strip[kk * STRIP + row % STRIP] = *v;
+                }
+            }
+            let mut padded = bias.to_vec();
+            padded.resize(strips * STRIP, 0.0);
+            return PackedA {
+                m,
+                k,
+                kernel,
+                layout,
+                panels,
+                bias: padded,
+            };
+        }
         let (mr, kc) = (kernel.mr(), kernel.kc());
         let count = m.div_ceil(mr);
         let mut panels = vec![0f32; count * k * mr];
@@ -160,9 +235,15 @@ impl PackedA {
             m,
             k,
             kernel,
+            layout,
             panels,
             bias: padded,
         }
+    }
+
+    /// The layout `multiply` runs.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Panel `p`'s part of the block `ks` of `k` (one of the multiply's `KC` blocks).
@@ -283,6 +364,9 @@ pub fn multiply(
         ldc,
         relu: epilogue.relu,
     };
+    if a.layout == Layout::Columns {
+        return multiply_columns(a, b, &out, crew);
+    }
     let threads = crew.map_or(1, Crew::threads);
     let blocks: Vec<(Range<usize>, Range<usize>)> =
         if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
@@ -309,6 +393,169 @@ pub fn multiply(
     match crew {
         Some(crew) if blocks.len() > 1 => crew.run(blocks.len(), &work),
         _ => work(0),
+    }
+}
+
+/// [`multiply`] for [`Layout::Columns`]: every 48-row strip of `A` against every panel of at
+/// most 8 columns that lie in one contiguous run of `B`'s rows (a 7-wide output row is one
+/// panel, a 14-wide one two of 7). With several threads the strips are shared out, or the
+/// panels when there are fewer strips than threads.
+fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
+    let mut panels = Vec::new();
+    let mut j = 0;
+    while j < b.n {
+        let run = match b.wrap {
+            None => b.n,
+            Some([width, _]) => (width - j % width).min(b.n - j),
+        };
+        // As even as whole panels of at most MAX_COLUMNS make them.
+        let count = run.div_ceil(MAX_COLUMNS);
+        for p in 0..count {
+            let width = run / count + usize::from(p < run % count);
+            panels.push((j, width));
+            j += width;
+        }
+    }
+    let strips = a.m.div_ceil(STRIP);
+    let threads = crew.map_or(1, Crew::threads);
+    let blocks: Vec<(Range<usize>, Range<usize>)> =
+        if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
+            vec![(0..strips, 0..panels.len())]
+        } else if strips >= threads {
+            let per = strips.div_ceil(threads);
+            (0..strips)
+                .step_by(per)
+                .map(|s| (s..(s + per).min(strips), 0..panels.len()))
+                .collect()
+        } else {
+            let per = panels.len().div_ceil(threads);
+            (0..panels.len())
+                .step_by(per)
+                .map(|p| (0..strips, p..(p + per).min(panels.len())))
+                .collect()
+        };
+    let work = |part: usize| {
+        let (strips, range) = blocks[part].clone();
+        let panels = &panels[range];
+        // Each panel's sums between blocks of `k` (`sums[c][r]`): the strip's block of `A`
+        // (COLUMN_KC x 48, 24 KiB) stays in L1 while the panels pass over it. Without the
+        // blocking every panel streamed the whole strip from L2, and a 7x7 layer ran at
+        // two thirds of the panels' speed.
+        let mut sums = vec![[[0f32; STRIP]; MAX_COLUMNS]; panels.len()];
+        for s in strips {
+            let bias = &a.bias[s * STRIP..][..STRIP];
+            for sums in sums.iter_mut() {
+                sums.fill(bias.try_into().unwrap());
+            }
+            let rows = STRIP.min(a.m - s * STRIP);
+            for k0 in (0..a.k).step_by(COLUMN_KC) {
+                let ks = k0..(k0 + COLUMN_KC).min(a.k);
+                for (i, (&(j, width), sums)) in panels.iter().zip(sums.iter_mut()).enumerate() {
+                    let tile = ColumnTile {
+                        a: &a.panels[(s * a.k + ks.start) * STRIP..][..ks.len() * STRIP],
+                        b: &b.base[b.column(j)..],
+                        offsets: &b.offsets[ks.clone()],
+                        width,
+                        // The first panel fetches the next block of `A` from memory.
+                        prefetch: i == 0,
+                    };
+                    // SAFETY: `multiply` checked the CPU's features.
+                    unsafe { tile.run(sums) };
+                }
+            }
+            for (&(j, width), sums) in panels.iter().zip(&sums) {
+                let at = s * STRIP * out.ldc + j;
+                // SAFETY: the block's strips and panels are its own (disjoint from every
+                // other block's), inside `c` and `add` (checked in `multiply`), which stay
+                // borrowed until every block is done.
+                unsafe { out.store_columns(at, rows, width, sums) };
+            }
+        }
+    };
+    match crew {
+        Some(crew) if blocks.len() > 1 => crew.run(blocks.len(), &work),
+        _ => work(0),
+    }
+}
+
+/// Steps of `k` per block in [`multiply_columns`].
+const COLUMN_KC: usize = 128;
+
+/// One [`Layout::Columns`] tile: a block of a strip of `A` (`k x 48`), and `width` columns of
+/// `B` starting at `b[offsets[kk]]` in each row `kk`.
+struct ColumnTile<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    offsets: &'a [usize],
+    width: usize,
+    prefetch: bool,
+}
+
+impl ColumnTile<'_> {
+    /// Adds the block's products to `sums` (`sums[c][r]`, columns `c < width`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    unsafe fn run(&self, sums: &mut [[f32; STRIP]; MAX_COLUMNS]) {
+        assert!(self.width >= 1 && self.width <= MAX_COLUMNS);
+        assert_eq!(self.a.len(), self.offsets.len() * STRIP);
+        // `multiply` checked every row's span against `B`'s length: per tile, this would be
+        // a pass over the block's offsets.
+        debug_assert!(self.offsets.iter().all(|&o| o + self.width <= self.b.len()));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the assertions (and `multiply`'s) bound the kernel's reads of `a` and `b`;
+        // the caller promises the CPU's features.
+        unsafe {
+            match (self.width, self.prefetch) {
+                (1, _) => avx512::columns::<1, false>(self, sums),
+                (2, _) => avx512::columns::<2, false>(self, sums),
+                (3, _) => avx512::columns::<3, false>(self, sums),
+                (4, false) => avx512::columns::<4, false>(self, sums),
+                (4, true) => avx512::columns::<4, true>(self, sums),
+                (5, false) => avx512::columns::<5, false>(self, sums),
+                (5, true) => avx512::columns::<5, true>(self, sums),
+                (6, false) => avx512::columns::<6, false>(self, sums),
+                (6, true) => avx512::columns::<6, true>(self, sums),
+                (7, false) => avx512::columns::<7, false>(self, sums),
+                (7, true) => avx512::columns::<7, true>(self, sums),
+                (_, false) => avx512::columns::<8, false>(self, sums),
+                (_, true) => avx512::columns::<8, true>(self, sums),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = sums;
+    }
+}
+
+impl Out {
+    /// `C[r][c] = relu?(sums[c][r] (+ add[r][c]))` for `r < rows`, `c < width`, at `c + at`
+    /// (and `add + at`): the column kernel's sums are per column, `C` is row-major. Once per
+    /// tile, after every step of `k`.
+    ///
+    /// # Safety
+    /// Those elements are inside `C` (and `add`), and no other thread touches them meanwhile.
+    unsafe fn store_columns(
+        &self,
+        at: usize,
+        rows: usize,
+        width: usize,
+        sums: &[[f32; STRIP]; MAX_COLUMNS],
+    ) {
+        for r in 0..rows {
+            for (c, column) in sums.iter().take(width).enumerate() {
+                let i = at + r * self.ldc + c;
+                let mut x = column[r];
+                if let Some(add) = self.add {
+                    // SAFETY: the caller's.
+                    x += unsafe { *add.add(i) };
+                }
+                if self.relu {
+                    x = if x > 0.0 { x } else { 0.0 };
+                }
+                // SAFETY: the caller's.
+                unsafe { *self.c.add(i) = x };
+            }
+        }
     }
 }
 
@@ -516,10 +763,59 @@ impl Tile<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{ColumnTile, Tile, MAX_COLUMNS, STRIP};
 
     const MR: usize = super::Kernel::Avx512.mr();
     const LANES: usize = super::Kernel::Avx512.lanes();
+    /// Vectors in a strip's 48 rows.
+    const STRIP_VECTORS: usize = STRIP / LANES;
+
+    /// The `48 x W` column kernel: per step of `k`, the strip's three vectors of `A` and `W`
+    /// elements of `B`'s row broadcast, `3 W` multiply-adds into sums that stay in registers
+    /// for the whole block; they start from and go back to `sums` (`sums[c][r]`). With
+    /// `PREFETCH` (a block's first panel), each step also fetches the next block's lines.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn columns<const W: usize, const PREFETCH: bool>(
+        t: &ColumnTile,
+        sums: &mut [[f32; STRIP]; MAX_COLUMNS],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); STRIP_VECTORS]; W];
+        for c in 0..W {
+            for v in 0..STRIP_VECTORS {
+                acc[c][v] = _mm512_loadu_ps(sums[c].as_ptr().add(v * LANES));
+            }
+        }
+        let mut a = t.a.as_ptr();
+        let b = t.b.as_ptr();
+        for &offset in t.offsets {
+            if PREFETCH {
+                // The next block's line at this step, into L2: a block's worth of steps
+                // (about 1300 cycles) ahead, more than a trip to memory.
+                for v in 0..STRIP_VECTORS {
+                    let ahead = a.wrapping_add(super::COLUMN_KC * STRIP + v * LANES);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                }
+            }
+            let mut av = [_mm512_setzero_ps(); STRIP_VECTORS];
+            for v in 0..STRIP_VECTORS {
+                av[v] = _mm512_loadu_ps(a.add(v * LANES));
+            }
+            let row = b.add(offset);
+            for c in 0..W {
+                let x = _mm512_set1_ps(*row.add(c));
+                for v in 0..STRIP_VECTORS {
+                    acc[c][v] = _mm512_fmadd_ps(av[v], x, acc[c][v]);
+                }
+            }
+            a = a.add(STRIP);
+        }
+        for c in 0..W {
+            for v in 0..STRIP_VECTORS {
+                _mm512_storeu_ps(sums[c].as_mut_ptr().add(v * LANES), acc[c][v]);
+            }
+        }
+    }
 
     /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
     const PREFETCH_A: usize = 1024;
@@ -743,15 +1039,45 @@ mod tests {
             .collect()
     }
 
-    /// Every kernel this CPU runs (none, on a CPU without AVX2: nothing to check there).
+    /// Every kernel this CPU runs (none, on a CPU without AVX2: nothing to check there), in
+    /// every layout it has.
     #[test]
     fn matches_a_plain_matrix_multiply_on_ragged_shapes() {
         for kernel in Kernel::here() {
-            matches_a_plain_matrix_multiply(kernel);
+            matches_a_plain_matrix_multiply(kernel, Layout::Panels);
+            if kernel == Kernel::Avx512 {
+                matches_a_plain_matrix_multiply(kernel, Layout::Columns);
+            }
         }
     }
 
-    fn matches_a_plain_matrix_multiply(kernel: Kernel) {
+    #[test]
+    fn the_column_layout_is_chosen_where_it_pads_less() {
+        // A 7x7 layer: 49 columns cost the panels 64; 512 rows are whole strips.
+        assert_eq!(
+            Layout::for_product(Kernel::Avx512, 512, 49),
+            Layout::Columns
+        );
+        assert_eq!(
+            Layout::for_product(Kernel::Avx512, 2048, 49),
+            Layout::Columns
+        );
+        // 32 rows would be padded to a 48-row strip: more waste than 64 columns for 49.
+        assert_eq!(Layout::for_product(Kernel::Avx512, 32, 49), Layout::Panels);
+        // 196 columns (14x14) are 4 x 48 + 4: the panels waste 6%, not worth a switch.
+        assert_eq!(
+            Layout::for_product(Kernel::Avx512, 256, 196),
+            Layout::Panels
+        );
+        assert_eq!(
+            Layout::for_product(Kernel::Avx512, 64, 3136),
+            Layout::Panels
+        );
+        // AVX2 has one layout.
+        assert_eq!(Layout::for_product(Kernel::Avx2, 512, 49), Layout::Panels);
+    }
+
+    fn matches_a_plain_matrix_multiply(kernel: Kernel, layout: Layout) {
         let crew = Crew::new(2);
         let _hot = crew.hold();
         // Rows not a multiple of MR, columns of every tail width, K across several KC blocks,
@@ -765,11 +1091,12 @@ mod tests {
             (30, 300, 17),
             (64, 257, kernel.nc() + kernel.nr() + 5),
             (250, 600, 49),
+            (97, 40, 23),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let bias = values(m, 3);
-            let packed = PackedA::for_kernel(kernel, &a, m, k, &bias);
+            let packed = PackedA::with_layout(kernel, layout, &a, m, k, &bias);
             let expected = reference(&a, &b, &bias, m, k, n);
             // B contiguous, and in runs of 7 columns 9 apart (a convolution's 7-wide output
             // rows read from 9-wide phase rows); the gaps hold NaN, which must not be read.
@@ -818,13 +1145,13 @@ mod tests {
                         let got = c[i * ldc + j];
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{kernel:?} {m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
+                            "{kernel:?} {layout:?} {m}x{k}x{n} wrap {wrap:?} relu {relu} residual {residual}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
                     assert_eq!(
                         c[i * ldc + n],
                         7.0,
-                        "{kernel:?} {m}x{k}x{n}: column past n written"
+                        "{kernel:?} {layout:?} {m}x{k}x{n}: column past n written"
                     );
                 }
             }
