@@ -8,6 +8,11 @@
 //! `NR`-column strips that stay in L2, one strip stays in L1 while every `MR`-row panel of `A`
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
+//!
+//! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) can
+//! instead lay `A` out in 48-row strips ([`Layout::Columns`], AVX-512): the output channels go
+//! in the vectors, up to 8 columns of `B` are broadcast straight from its rows (nothing
+//! packed), and a 128-step block of a strip stays in L1 while the column panels pass over it.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -523,7 +528,7 @@ impl ColumnTile<'_> {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = sums;
+        let _ = (sums, self.prefetch);
     }
 }
 
@@ -1053,28 +1058,22 @@ mod tests {
 
     #[test]
     fn the_column_layout_is_chosen_where_it_pads_less() {
-        // A 7x7 layer: 49 columns cost the panels 64; 512 rows are whole strips.
-        assert_eq!(
-            Layout::for_product(Kernel::Avx512, 512, 49),
-            Layout::Columns
-        );
-        assert_eq!(
-            Layout::for_product(Kernel::Avx512, 2048, 49),
-            Layout::Columns
-        );
-        // 32 rows would be padded to a 48-row strip: more waste than 64 columns for 49.
-        assert_eq!(Layout::for_product(Kernel::Avx512, 32, 49), Layout::Panels);
-        // 196 columns (14x14) are 4 x 48 + 4: the panels waste 6%, not worth a switch.
-        assert_eq!(
-            Layout::for_product(Kernel::Avx512, 256, 196),
-            Layout::Panels
-        );
-        assert_eq!(
-            Layout::for_product(Kernel::Avx512, 64, 3136),
-            Layout::Panels
-        );
-        // AVX2 has one layout.
-        assert_eq!(Layout::for_product(Kernel::Avx2, 512, 49), Layout::Panels);
+        use Layout::{Columns, Panels};
+        for (kernel, m, n, want) in [
+            // A 7x7 layer: 49 columns cost the panels 64; 512 rows are whole strips.
+            (Kernel::Avx512, 512, 49, Columns),
+            (Kernel::Avx512, 2048, 49, Columns),
+            // 32 rows would be padded to a 48-row strip: more waste than 64 columns for 49.
+            (Kernel::Avx512, 32, 49, Panels),
+            // 196 columns (14x14) are 4 x 48 + 4: the panels pad 6%, the strips 256 rows to 288.
+            (Kernel::Avx512, 256, 196, Panels),
+            (Kernel::Avx512, 64, 3136, Panels),
+            // AVX2 has one layout.
+            (Kernel::Avx2, 512, 49, Panels),
+        ] {
+            let got = Layout::for_product(kernel, m, n);
+            assert_eq!(got, want, "{kernel:?} {m} x {n}");
+        }
     }
 
     fn matches_a_plain_matrix_multiply(kernel: Kernel, layout: Layout) {
