@@ -544,14 +544,14 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
         // The product's columns: the output positions.
         let n = geometry.output.iter().product();
         let op = GemmConv {
+            geometry,
+            input_channels,
             groups: (0..groups)
                 .map(|g| {
                     let (a, bias) = (&weights[g * m * k..][..m * k], &bias[g * m..][..m]);
                     PackedA::new(a, m, k, bias, n)
                 })
                 .collect(),
-            geometry,
-            input_channels,
             residual: residual.is_some(),
             relu,
             output_shape,

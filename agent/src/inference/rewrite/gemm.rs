@@ -378,16 +378,10 @@ pub fn multiply(
             vec![(0..a.m, 0..b.n)]
         } else if b.n >= threads * PARALLEL_MIN_TILES * nr {
             let per = b.n.div_ceil(threads).next_multiple_of(nr);
-            (0..b.n)
-                .step_by(per)
-                .map(|j| (0..a.m, j..(j + per).min(b.n)))
-                .collect()
+            parts(b.n, per).map(|cols| (0..a.m, cols)).collect()
         } else {
             let per = a.m.div_ceil(mr).div_ceil(threads) * mr;
-            (0..a.m)
-                .step_by(per)
-                .map(|i| (i..(i + per).min(a.m), 0..b.n))
-                .collect()
+            parts(a.m, per).map(|rows| (rows, 0..b.n)).collect()
         };
     let work = |part: usize| {
         let (rows, cols) = blocks[part].clone();
@@ -399,6 +393,14 @@ pub fn multiply(
         Some(crew) if blocks.len() > 1 => crew.run(blocks.len(), &work),
         _ => work(0),
     }
+}
+
+/// `0..len` in consecutive ranges of `per` (the last one shorter): a product's rows, columns,
+/// strips or panels shared out between threads.
+fn parts(len: usize, per: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..len)
+        .step_by(per)
+        .map(move |start| start..(start + per).min(len))
 }
 
 /// [`multiply`] for [`Layout::Columns`]: every 48-row strip of `A` against every panel of at
@@ -428,16 +430,10 @@ fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
             vec![(0..strips, 0..panels.len())]
         } else if strips >= threads {
             let per = strips.div_ceil(threads);
-            (0..strips)
-                .step_by(per)
-                .map(|s| (s..(s + per).min(strips), 0..panels.len()))
-                .collect()
+            parts(strips, per).map(|s| (s, 0..panels.len())).collect()
         } else {
             let per = panels.len().div_ceil(threads);
-            (0..panels.len())
-                .step_by(per)
-                .map(|p| (0..strips, p..(p + per).min(panels.len())))
-                .collect()
+            parts(panels.len(), per).map(|p| (0..strips, p)).collect()
         };
     let work = |part: usize| {
         let (strips, range) = blocks[part].clone();
@@ -511,6 +507,8 @@ impl ColumnTile<'_> {
         // SAFETY: the assertions (and `multiply`'s) bound the kernel's reads of `a` and `b`;
         // the caller promises the CPU's features.
         unsafe {
+            // Panels of 1 to 3 columns (only in outputs whose rows are that narrow) have no
+            // prefetching copy: rare, and not measured.
             match (self.width, self.prefetch) {
                 (1, _) => avx512::columns::<1, false>(self, sums),
                 (2, _) => avx512::columns::<2, false>(self, sums),
