@@ -9,10 +9,12 @@
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
 //!
-//! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) can
-//! instead lay `A` out in 48-row strips ([`Layout::Columns`], AVX-512): the output channels go
-//! in the vectors, up to 8 columns of `B` are broadcast straight from its rows (nothing
-//! packed), and a 128-step block of a strip stays in L1 while the column panels pass over it.
+//! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) with
+//! AVX-512, and products with few rows (DenseNet's 32-channel 3x3 layers) with AVX2, instead
+//! lay `A` out in strips of 48 or 16 rows ([`Layout::Columns`]): the output channels go in
+//! the vectors, up to 8 or 6 columns of `B` are broadcast straight from its rows (nothing
+//! packed), and a 128-step block of a strip stays in L1 while a group of column panels passes
+//! over it.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -114,6 +116,35 @@ impl Kernel {
             Kernel::Avx2 => 16 * self.nr(),
         }
     }
+
+    /// Rows of `A` in one strip of the [`Layout::Columns`] layout: output channels in three
+    /// vectors (AVX-512) or two (AVX2).
+    const fn strip(self) -> usize {
+        match self {
+            Kernel::Avx512 => 3 * 16,
+            Kernel::Avx2 => 2 * 8,
+        }
+    }
+
+    /// The most columns of `B` a [`Layout::Columns`] tile broadcasts per step of `k`: with
+    /// the strip's vectors, its sums take 24 zmm or 12 ymm registers.
+    const fn max_columns(self) -> usize {
+        match self {
+            Kernel::Avx512 => 8,
+            Kernel::Avx2 => 6,
+        }
+    }
+
+    /// Columns of `B` whose column tiles run one after another over each block of `k` (their
+    /// sums kept between blocks), so that the block of `A` and the lines of `B` they read
+    /// stay in L1. AVX-512 uses the layout for products of a 7x7 output's 49 columns: one
+    /// group. AVX2: 16 and 64 ran no differently from 32 in `bench --profile` (DenseNet-121).
+    const fn group_columns(self) -> usize {
+        match self {
+            Kernel::Avx512 => 64,
+            Kernel::Avx2 => 32,
+        }
+    }
 }
 
 /// Whether this CPU runs one of the micro-kernels.
@@ -121,37 +152,46 @@ pub fn available() -> bool {
     Kernel::best().is_some()
 }
 
-/// Rows of `A` in one strip of the [`Layout::Columns`] layout: three AVX-512 vectors of
-/// output channels.
-const STRIP: usize = 48;
-/// The most columns of `B` a [`Layout::Columns`] tile broadcasts per step of `k`.
-const MAX_COLUMNS: usize = 8;
-
 /// How [`PackedA`] lays `A` out, and so which loop nest [`multiply`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
     /// `MR`-row panels: tiles of `MR` rows by `NR` columns over packed strips of `B`, the
     /// columns in vectors. For products with many columns.
     Panels,
-    /// 48-row strips (output channels in the vectors), `B`'s elements broadcast straight from
-    /// its rows, up to 8 columns a tile, nothing packed. For products with few columns: a
-    /// 7x7 layer's 49 cost the panels 64 columns' work (48 + a 16-wide tile for the last
-    /// one), here 49. AVX-512 only.
+    /// Strips of 48 rows (AVX-512) or 16 (AVX2), output channels in the vectors, `B`'s
+    /// elements broadcast straight from its rows, up to 8 or 6 columns a tile, nothing
+    /// packed. AVX-512, for products with few columns: a 7x7 layer's 49 cost the panels 64
+    /// columns' work (48 + a 16-wide tile for the last one), here 49. AVX2, for products with
+    /// few rows: packing `B` costs the same per column whatever the rows, and 6-row panels
+    /// pad 32 rows to 36.
     Columns,
 }
 
+/// AVX2 lays `A` out in [`Layout::Columns`] up to this many rows (whole strips of 16)...
+const AVX2_COLUMNS_MAX_M: usize = 64;
+/// ... and from this many steps of `k`: below it, the column layout was no faster
+/// (SqueezeNet's 3x3 16 -> 64, `k` = 144) or slower (the 7x7 64-channel first layer of
+/// ResNet-50 and DenseNet-121, `k` = 147: 11-20%), `bench --profile` on an AMD EPYC.
+const AVX2_COLUMNS_MIN_K: usize = 256;
+
 impl Layout {
-    /// The layout that spends fewer multiply-adds on padding for an `m x n` product (rows
-    /// rounded up to `MR` or 48, columns to `NR` and whole vectors or not at all), `Columns`
-    /// only when it saves a tenth or more.
-    pub fn for_product(kernel: Kernel, m: usize, n: usize) -> Layout {
-        if kernel != Kernel::Avx512 {
-            return Layout::Panels;
+    /// AVX-512: the layout that spends fewer multiply-adds on padding for an `m x n` product
+    /// (rows rounded up to `MR` or 48, columns to `NR` and whole vectors or not at all),
+    /// `Columns` only when it saves a tenth or more. AVX2: `Columns` for few rows and a long
+    /// `k` (`AVX2_COLUMNS_MAX_M`, `AVX2_COLUMNS_MIN_K`).
+    pub fn for_product(kernel: Kernel, m: usize, k: usize, n: usize) -> Layout {
+        if kernel == Kernel::Avx2 {
+            let few_rows = m <= AVX2_COLUMNS_MAX_M && m.is_multiple_of(kernel.strip());
+            return if few_rows && k >= AVX2_COLUMNS_MIN_K {
+                Layout::Columns
+            } else {
+                Layout::Panels
+            };
         }
         let (nr, lanes) = (kernel.nr(), kernel.lanes());
         let panels =
             m.next_multiple_of(kernel.mr()) * (n / nr * nr + (n % nr).next_multiple_of(lanes));
-        let columns = m.next_multiple_of(STRIP) * n;
+        let columns = m.next_multiple_of(kernel.strip()) * n;
         if columns * 10 <= panels * 9 {
             Layout::Columns
         } else {
@@ -183,7 +223,7 @@ impl PackedA {
     /// ([`Layout::for_product`]); panics where no kernel runs ([`available`]).
     pub fn new(a: &[f32], m: usize, k: usize, bias: &[f32], n: usize) -> PackedA {
         let kernel = Kernel::best().expect("no GEMM micro-kernel runs on this CPU");
-        PackedA::with_layout(kernel, Layout::for_product(kernel, m, n), a, m, k, bias)
+        PackedA::with_layout(kernel, Layout::for_product(kernel, m, k, n), a, m, k, bias)
     }
 
     /// Packed in panels for `kernel` (which [`multiply`] then runs, so it must run here).
@@ -191,7 +231,7 @@ impl PackedA {
         PackedA::with_layout(kernel, Layout::Panels, a, m, k, bias)
     }
 
-    /// Packed for `kernel` in `layout` (`Columns` needs the AVX-512 kernel).
+    /// Packed for `kernel` in `layout`.
     pub fn with_layout(
         kernel: Kernel,
         layout: Layout,
@@ -203,17 +243,17 @@ impl PackedA {
         assert_eq!(a.len(), m * k);
         assert_eq!(bias.len(), m);
         if layout == Layout::Columns {
-            assert_eq!(kernel, Kernel::Avx512, "the column layout is AVX-512's");
-            let strips = m.div_ceil(STRIP);
-            let mut panels = vec![0f32; strips * k * STRIP];
+            let rows = kernel.strip();
+            let strips = m.div_ceil(rows);
+            let mut panels = vec![0f32; strips * k * rows];
             for (row, values) in a.chunks_exact(k.max(1)).enumerate().take(m) {
-                let strip = &mut panels[(row / STRIP) * k * STRIP..];
+                let strip = &mut panels[(row / rows) * k * rows..];
                 for (kk, v) in values.iter().enumerate() {
-                    strip[kk * STRIP + row % STRIP] = *v;
+                    strip[kk * rows + row % rows] = *v;
                 }
             }
             let mut padded = bias.to_vec();
-            padded.resize(strips * STRIP, 0.0);
+            padded.resize(strips * rows, 0.0);
             return PackedA {
                 m,
                 k,
@@ -403,11 +443,18 @@ fn parts(len: usize, per: usize) -> impl Iterator<Item = Range<usize>> {
         .map(move |start| start..(start + per).min(len))
 }
 
-/// [`multiply`] for [`Layout::Columns`]: every 48-row strip of `A` against every panel of at
-/// most 8 columns that lie in one contiguous run of `B`'s rows (a 7-wide output row is one
-/// panel, a 14-wide one two of 7). With several threads the strips are shared out, or the
-/// panels when there are fewer strips than threads.
+/// [`multiply`] for [`Layout::Columns`]: every strip of `A` against every panel of at most
+/// `max_columns` columns that lie in one contiguous run of `B`'s rows (a 7-wide output row is
+/// one panel, a 14-wide one two of 7). The panels go in groups of about `group_columns`
+/// columns; a group's panels run one after another over each block of `k` of a strip (their
+/// sums kept between blocks), every strip in turn, so that the group's rows of `B` stay in
+/// cache while the strips pass. (Without the blocks of `k`, every panel streamed its whole
+/// strip of `A` from L2, and an AVX-512 7x7 layer ran at two thirds of the panels' speed.)
+/// With several threads the panels are shared out, or the strips when there are too few
+/// panels.
 fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
+    let kernel = a.kernel;
+    let (strip, widest) = (kernel.strip(), kernel.max_columns());
     let mut panels = Vec::new();
     let mut j = 0;
     while j < b.n {
@@ -415,61 +462,75 @@ fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
             None => b.n,
             Some([width, _]) => (width - j % width).min(b.n - j),
         };
-        // As even as whole panels of at most MAX_COLUMNS make them.
-        let count = run.div_ceil(MAX_COLUMNS);
+        // As even as whole panels of at most `widest` make them.
+        let count = run.div_ceil(widest);
         for p in 0..count {
             let width = run / count + usize::from(p < run % count);
             panels.push((j, width));
             j += width;
         }
     }
-    let strips = a.m.div_ceil(STRIP);
+    let strips = a.m.div_ceil(strip);
     let threads = crew.map_or(1, Crew::threads);
     let blocks: Vec<(Range<usize>, Range<usize>)> =
         if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
             vec![(0..strips, 0..panels.len())]
-        } else if strips >= threads {
+        } else if panels.len() < threads * PARALLEL_MIN_TILES && strips >= threads {
             let per = strips.div_ceil(threads);
             parts(strips, per).map(|s| (s, 0..panels.len())).collect()
         } else {
             let per = panels.len().div_ceil(threads);
             parts(panels.len(), per).map(|p| (0..strips, p)).collect()
         };
+    let (group_columns, kc) = (kernel.group_columns(), COLUMN_KC);
+    // One panel's sums, `sums[c * strip + r]`.
+    let per_panel = widest * strip;
     let work = |part: usize| {
         let (strips, range) = blocks[part].clone();
-        let panels = &panels[range];
-        // Each panel's sums between blocks of `k` (`sums[c][r]`): the strip's block of `A`
-        // (COLUMN_KC x 48, 24 KiB) stays in L1 while the panels pass over it. Without the
-        // blocking every panel streamed the whole strip from L2, and a 7x7 layer ran at
-        // two thirds of the panels' speed.
-        let mut sums = vec![[[0f32; STRIP]; MAX_COLUMNS]; panels.len()];
-        for s in strips {
-            let bias = &a.bias[s * STRIP..][..STRIP];
-            for sums in sums.iter_mut() {
-                sums.fill(bias.try_into().unwrap());
+        let mut panels = &panels[range];
+        let mut sums = Vec::new();
+        while !panels.is_empty() {
+            // Whole panels, at least one, up to `group_columns` columns.
+            let mut count = 1;
+            let mut columns = panels[0].1;
+            while count < panels.len() && columns + panels[count].1 <= group_columns {
+                columns += panels[count].1;
+                count += 1;
             }
-            let rows = STRIP.min(a.m - s * STRIP);
-            for k0 in (0..a.k).step_by(COLUMN_KC) {
-                let ks = k0..(k0 + COLUMN_KC).min(a.k);
-                for (i, (&(j, width), sums)) in panels.iter().zip(sums.iter_mut()).enumerate() {
-                    let tile = ColumnTile {
-                        a: &a.panels[(s * a.k + ks.start) * STRIP..][..ks.len() * STRIP],
-                        b: &b.base[b.column(j)..],
-                        offsets: &b.offsets[ks.clone()],
-                        width,
-                        // The first panel fetches the next block of `A` from memory.
-                        prefetch: i == 0,
-                    };
-                    // SAFETY: `multiply` checked the CPU's features.
-                    unsafe { tile.run(sums) };
+            let (group, rest) = panels.split_at(count);
+            panels = rest;
+            sums.resize(group.len() * per_panel, 0.0);
+            for s in strips.clone() {
+                let bias = &a.bias[s * strip..][..strip];
+                for column in sums.chunks_exact_mut(strip) {
+                    column.copy_from_slice(bias);
                 }
-            }
-            for (&(j, width), sums) in panels.iter().zip(&sums) {
-                let at = s * STRIP * out.ldc + j;
-                // SAFETY: the block's strips and panels are its own (disjoint from every
-                // other block's), inside `c` and `add` (checked in `multiply`), which stay
-                // borrowed until every block is done.
-                unsafe { out.store_columns(at, rows, width, sums) };
+                let rows = strip.min(a.m - s * strip);
+                for k0 in (0..a.k).step_by(kc) {
+                    let ks = k0..(k0 + kc).min(a.k);
+                    let panels = group.iter().zip(sums.chunks_exact_mut(per_panel));
+                    for (i, (&(j, width), sums)) in panels.enumerate() {
+                        let tile = ColumnTile {
+                            kernel,
+                            a: &a.panels[(s * a.k + ks.start) * strip..][..ks.len() * strip],
+                            b: &b.base[b.column(j)..],
+                            offsets: &b.offsets[ks.clone()],
+                            width,
+                            // The first panel fetches the next block of `A` from memory
+                            // (AVX-512 only).
+                            prefetch: i == 0,
+                        };
+                        // SAFETY: `multiply` checked the CPU's features.
+                        unsafe { tile.run(sums) };
+                    }
+                }
+                for (&(j, width), sums) in group.iter().zip(sums.chunks_exact(per_panel)) {
+                    let at = s * strip * out.ldc + j;
+                    // SAFETY: the block's strips and panels are its own (disjoint from every
+                    // other block's), inside `c` and `add` (checked in `multiply`), which stay
+                    // borrowed until every block is done.
+                    unsafe { out.store_columns(at, rows, width, strip, sums) };
+                }
             }
         }
     };
@@ -479,12 +540,13 @@ fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
     }
 }
 
-/// Steps of `k` per block in [`multiply_columns`].
+/// Steps of `k` per block in [`multiply_columns`] (AVX2: 64 and 256 ran no differently).
 const COLUMN_KC: usize = 128;
 
-/// One [`Layout::Columns`] tile: a block of a strip of `A` (`k x 48`), and `width` columns of
-/// `B` starting at `b[offsets[kk]]` in each row `kk`.
+/// One [`Layout::Columns`] tile: a block of a strip of `A` (`k x strip`), and `width` columns
+/// of `B` starting at `b[offsets[kk]]` in each row `kk`.
 struct ColumnTile<'a> {
+    kernel: Kernel,
     a: &'a [f32],
     b: &'a [f32],
     offsets: &'a [usize],
@@ -493,13 +555,15 @@ struct ColumnTile<'a> {
 }
 
 impl ColumnTile<'_> {
-    /// Adds the block's products to `sums` (`sums[c][r]`, columns `c < width`).
+    /// Adds the block's products to `sums` (`sums[c * strip + r]`, columns `c < width`).
     ///
     /// # Safety
-    /// The CPU has AVX-512F.
-    unsafe fn run(&self, sums: &mut [[f32; STRIP]; MAX_COLUMNS]) {
-        assert!(self.width >= 1 && self.width <= MAX_COLUMNS);
-        assert_eq!(self.a.len(), self.offsets.len() * STRIP);
+    /// The CPU runs the kernel.
+    unsafe fn run(&self, sums: &mut [f32]) {
+        let (strip, widest) = (self.kernel.strip(), self.kernel.max_columns());
+        assert!(self.width >= 1 && self.width <= widest);
+        assert_eq!(self.a.len(), self.offsets.len() * strip);
+        assert_eq!(sums.len(), widest * strip);
         // `multiply` checked every row's span against `B`'s length: per tile, this would be
         // a pass over the block's offsets.
         debug_assert!(self.offsets.iter().all(|&o| o + self.width <= self.b.len()));
@@ -509,20 +573,26 @@ impl ColumnTile<'_> {
         unsafe {
             // Panels of 1 to 3 columns (only in outputs whose rows are that narrow) have no
             // prefetching copy: rare, and not measured.
-            match (self.width, self.prefetch) {
-                (1, _) => avx512::columns::<1, false>(self, sums),
-                (2, _) => avx512::columns::<2, false>(self, sums),
-                (3, _) => avx512::columns::<3, false>(self, sums),
-                (4, false) => avx512::columns::<4, false>(self, sums),
-                (4, true) => avx512::columns::<4, true>(self, sums),
-                (5, false) => avx512::columns::<5, false>(self, sums),
-                (5, true) => avx512::columns::<5, true>(self, sums),
-                (6, false) => avx512::columns::<6, false>(self, sums),
-                (6, true) => avx512::columns::<6, true>(self, sums),
-                (7, false) => avx512::columns::<7, false>(self, sums),
-                (7, true) => avx512::columns::<7, true>(self, sums),
-                (_, false) => avx512::columns::<8, false>(self, sums),
-                (_, true) => avx512::columns::<8, true>(self, sums),
+            match (self.kernel, self.width, self.prefetch) {
+                (Kernel::Avx512, 1, _) => avx512::columns::<1, false>(self, sums),
+                (Kernel::Avx512, 2, _) => avx512::columns::<2, false>(self, sums),
+                (Kernel::Avx512, 3, _) => avx512::columns::<3, false>(self, sums),
+                (Kernel::Avx512, 4, false) => avx512::columns::<4, false>(self, sums),
+                (Kernel::Avx512, 4, true) => avx512::columns::<4, true>(self, sums),
+                (Kernel::Avx512, 5, false) => avx512::columns::<5, false>(self, sums),
+                (Kernel::Avx512, 5, true) => avx512::columns::<5, true>(self, sums),
+                (Kernel::Avx512, 6, false) => avx512::columns::<6, false>(self, sums),
+                (Kernel::Avx512, 6, true) => avx512::columns::<6, true>(self, sums),
+                (Kernel::Avx512, 7, false) => avx512::columns::<7, false>(self, sums),
+                (Kernel::Avx512, 7, true) => avx512::columns::<7, true>(self, sums),
+                (Kernel::Avx512, _, false) => avx512::columns::<8, false>(self, sums),
+                (Kernel::Avx512, _, true) => avx512::columns::<8, true>(self, sums),
+                (Kernel::Avx2, 1, _) => avx2::columns::<1>(self, sums),
+                (Kernel::Avx2, 2, _) => avx2::columns::<2>(self, sums),
+                (Kernel::Avx2, 3, _) => avx2::columns::<3>(self, sums),
+                (Kernel::Avx2, 4, _) => avx2::columns::<4>(self, sums),
+                (Kernel::Avx2, 5, _) => avx2::columns::<5>(self, sums),
+                (Kernel::Avx2, _, _) => avx2::columns::<6>(self, sums),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -531,9 +601,9 @@ impl ColumnTile<'_> {
 }
 
 impl Out {
-    /// `C[r][c] = relu?(sums[c][r] (+ add[r][c]))` for `r < rows`, `c < width`, at `c + at`
-    /// (and `add + at`): the column kernel's sums are per column, `C` is row-major. Once per
-    /// tile, after every step of `k`.
+    /// `C[r][c] = relu?(sums[c * strip + r] (+ add[r][c]))` for `r < rows`, `c < width`, at
+    /// `c + at` (and `add + at`): the column kernel's sums are per column, `C` is row-major.
+    /// Once per tile, after every step of `k`.
     ///
     /// # Safety
     /// Those elements are inside `C` (and `add`), and no other thread touches them meanwhile.
@@ -542,10 +612,11 @@ impl Out {
         at: usize,
         rows: usize,
         width: usize,
-        sums: &[[f32; STRIP]; MAX_COLUMNS],
+        strip: usize,
+        sums: &[f32],
     ) {
         for r in 0..rows {
-            for (c, column) in sums.iter().take(width).enumerate() {
+            for (c, column) in sums.chunks_exact(strip).take(width).enumerate() {
                 let i = at + r * self.ldc + c;
                 let mut x = column[r];
                 if let Some(add) = self.add {
@@ -766,27 +837,29 @@ impl Tile<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ColumnTile, Tile, MAX_COLUMNS, STRIP};
+    use super::{ColumnTile, Tile};
 
     const MR: usize = super::Kernel::Avx512.mr();
     const LANES: usize = super::Kernel::Avx512.lanes();
+    const STRIP: usize = super::Kernel::Avx512.strip();
     /// Vectors in a strip's 48 rows.
     const STRIP_VECTORS: usize = STRIP / LANES;
 
     /// The `48 x W` column kernel: per step of `k`, the strip's three vectors of `A` and `W`
     /// elements of `B`'s row broadcast, `3 W` multiply-adds into sums that stay in registers
-    /// for the whole block; they start from and go back to `sums` (`sums[c][r]`). With
-    /// `PREFETCH` (a block's first panel), each step also fetches the next block's lines.
+    /// for the whole block; they start from and go back to `sums` (`sums[c * 48 + r]`, `8 x
+    /// 48` of them). With `PREFETCH` (a block's first panel), each step also fetches the next
+    /// block's lines.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn columns<const W: usize, const PREFETCH: bool>(
         t: &ColumnTile,
-        sums: &mut [[f32; STRIP]; MAX_COLUMNS],
+        sums: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); STRIP_VECTORS]; W];
         for c in 0..W {
             for v in 0..STRIP_VECTORS {
-                acc[c][v] = _mm512_loadu_ps(sums[c].as_ptr().add(v * LANES));
+                acc[c][v] = _mm512_loadu_ps(sums.as_ptr().add(c * STRIP + v * LANES));
             }
         }
         let mut a = t.a.as_ptr();
@@ -815,7 +888,7 @@ mod avx512 {
         }
         for c in 0..W {
             for v in 0..STRIP_VECTORS {
-                _mm512_storeu_ps(sums[c].as_mut_ptr().add(v * LANES), acc[c][v]);
+                _mm512_storeu_ps(sums.as_mut_ptr().add(c * STRIP + v * LANES), acc[c][v]);
             }
         }
     }
@@ -908,10 +981,57 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{ColumnTile, Tile};
 
     const MR: usize = super::Kernel::Avx2.mr();
     const LANES: usize = super::Kernel::Avx2.lanes();
+    const STRIP: usize = super::Kernel::Avx2.strip();
+    /// Vectors in a strip's 16 rows.
+    const STRIP_VECTORS: usize = STRIP / LANES;
+
+    /// The `16 x W` column kernel: per step of `k`, the strip's two vectors of `A` and `W`
+    /// elements of `B`'s row broadcast, `2 W` multiply-adds into sums that stay in registers
+    /// for the whole block; they start from and go back to `sums` (`sums[c * 16 + r]`, `6 x
+    /// 16` of them).
+    ///
+    /// # Safety
+    /// As `ColumnTile::run`'s, and the CPU has AVX2 and FMA.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn columns<const W: usize>(t: &ColumnTile, sums: &mut [f32]) {
+        let mut acc = [[_mm256_setzero_ps(); STRIP_VECTORS]; W];
+        // SAFETY (every block below): `ColumnTile::run` checked the lengths of `sums` (`W`
+        // columns of `STRIP`) and `a` (a strip's rows per offset), and `multiply` that every
+        // row of `B` has `W` columns from its offset.
+        for c in 0..W {
+            for v in 0..STRIP_VECTORS {
+                acc[c][v] = unsafe { _mm256_loadu_ps(sums.as_ptr().add(c * STRIP + v * LANES)) };
+            }
+        }
+        let mut a = t.a.as_ptr();
+        let b = t.b.as_ptr();
+        for &offset in t.offsets {
+            let mut av = [_mm256_setzero_ps(); STRIP_VECTORS];
+            for v in 0..STRIP_VECTORS {
+                av[v] = unsafe { _mm256_loadu_ps(a.add(v * LANES)) };
+            }
+            let row = unsafe { b.add(offset) };
+            for c in 0..W {
+                let x = unsafe { _mm256_broadcast_ss(&*row.add(c)) };
+                for v in 0..STRIP_VECTORS {
+                    acc[c][v] = _mm256_fmadd_ps(av[v], x, acc[c][v]);
+                }
+            }
+            a = unsafe { a.add(STRIP) };
+        }
+        for c in 0..W {
+            for v in 0..STRIP_VECTORS {
+                unsafe {
+                    _mm256_storeu_ps(sums.as_mut_ptr().add(c * STRIP + v * LANES), acc[c][v])
+                };
+            }
+        }
+    }
     /// The widest tile's columns.
     const NR: usize = super::Kernel::Avx2.nr();
     /// As the AVX-512 kernel's: 32 steps of `k` ahead.
@@ -1048,29 +1168,30 @@ mod tests {
     fn matches_a_plain_matrix_multiply_on_ragged_shapes() {
         for kernel in Kernel::here() {
             matches_a_plain_matrix_multiply(kernel, Layout::Panels);
-            if kernel == Kernel::Avx512 {
-                matches_a_plain_matrix_multiply(kernel, Layout::Columns);
-            }
+            matches_a_plain_matrix_multiply(kernel, Layout::Columns);
         }
     }
 
     #[test]
     fn the_column_layout_is_chosen_where_it_pads_less() {
         use Layout::{Columns, Panels};
-        for (kernel, m, n, want) in [
+        for (kernel, m, k, n, want) in [
             // A 7x7 layer: 49 columns cost the panels 64; 512 rows are whole strips.
-            (Kernel::Avx512, 512, 49, Columns),
-            (Kernel::Avx512, 2048, 49, Columns),
+            (Kernel::Avx512, 512, 4608, 49, Columns),
+            (Kernel::Avx512, 2048, 1024, 49, Columns),
             // 32 rows would be padded to a 48-row strip: more waste than 64 columns for 49.
-            (Kernel::Avx512, 32, 49, Panels),
+            (Kernel::Avx512, 32, 1152, 49, Panels),
             // 196 columns (14x14) are 4 x 48 + 4: the panels pad 6%, the strips 256 rows to 288.
-            (Kernel::Avx512, 256, 196, Panels),
-            (Kernel::Avx512, 64, 3136, Panels),
-            // AVX2 has one layout.
-            (Kernel::Avx2, 512, 49, Panels),
+            (Kernel::Avx512, 256, 2304, 196, Panels),
+            (Kernel::Avx512, 64, 576, 3136, Panels),
+            // AVX2: few rows in whole strips (DenseNet's 3x3 128 -> 32, ResNet-50's 3x3 64).
+            (Kernel::Avx2, 32, 1152, 3136, Columns),
+            (Kernel::Avx2, 64, 576, 3136, Columns),
+            (Kernel::Avx2, 512, 4608, 49, Panels),
+            (Kernel::Avx2, 24, 1152, 3136, Panels),
         ] {
-            let got = Layout::for_product(kernel, m, n);
-            assert_eq!(got, want, "{kernel:?} {m} x {n}");
+            let got = Layout::for_product(kernel, m, k, n);
+            assert_eq!(got, want, "{kernel:?} {m} x {k} x {n}");
         }
     }
 
@@ -1078,8 +1199,8 @@ mod tests {
         let crew = Crew::new(2);
         let _hot = crew.hold();
         // Rows not a multiple of MR, columns of every tail width, K across several KC blocks,
-        // N across several NC blocks; on one thread and on three, which split the last two
-        // shapes by columns and by rows, at ragged boundaries.
+        // N across several NC blocks; on one thread and on three, which split the larger
+        // shapes by columns and by rows (panels and strips), at ragged boundaries.
         for &(m, k, n) in &[
             (1, 1, 1),
             (8, 3, 16),
@@ -1089,6 +1210,8 @@ mod tests {
             (64, 257, kernel.nc() + kernel.nr() + 5),
             (250, 600, 49),
             (97, 40, 23),
+            // Too few columns to share out: the column layout's strips go to the threads.
+            (64, 2048, 12),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
