@@ -1032,6 +1032,7 @@ mod avx2 {
             }
         }
     }
+
     /// The widest tile's columns.
     const NR: usize = super::Kernel::Avx2.nr();
     /// As the AVX-512 kernel's: 32 steps of `k` ahead.
@@ -1173,7 +1174,7 @@ mod tests {
     }
 
     #[test]
-    fn the_column_layout_is_chosen_where_it_pads_less() {
+    fn the_column_layout_is_chosen_where_it_saves_work() {
         use Layout::{Columns, Panels};
         for (kernel, m, k, n, want) in [
             // A 7x7 layer: 49 columns cost the panels 64; 512 rows are whole strips.
