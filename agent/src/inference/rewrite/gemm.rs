@@ -482,7 +482,7 @@ fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
             let per = panels.len().div_ceil(threads);
             parts(panels.len(), per).map(|p| (0..strips, p)).collect()
         };
-    let (group_columns, kc) = (kernel.group_columns(), COLUMN_KC);
+    let group_columns = kernel.group_columns();
     // One panel's sums, `sums[c * strip + r]`.
     let per_panel = widest * strip;
     let work = |part: usize| {
@@ -506,8 +506,8 @@ fn multiply_columns(a: &PackedA, b: &RowsB, out: &Out, crew: Option<&Crew>) {
                     column.copy_from_slice(bias);
                 }
                 let rows = strip.min(a.m - s * strip);
-                for k0 in (0..a.k).step_by(kc) {
-                    let ks = k0..(k0 + kc).min(a.k);
+                for k0 in (0..a.k).step_by(COLUMN_KC) {
+                    let ks = k0..(k0 + COLUMN_KC).min(a.k);
                     let panels = group.iter().zip(sums.chunks_exact_mut(per_panel));
                     for (i, (&(j, width), sums)) in panels.enumerate() {
                         let tile = ColumnTile {
