@@ -302,6 +302,18 @@ def make_rewrite_graphs():
         vi("y1", [2, 5, 6, 5]), vi("y2", [2, 5, 5, 5]), vi("y3", [2, 5, 6, 5]),
         vi("y4", [2, 5, 6, 5]), vi("y5", [2, 5, 6, 5]),
     ], []))
+    # A classifier head for GemmConv's fully connected path: a global average pool, Flatten
+    # and a Gemm (weights [O, I], transB) + ReLU, then a MatMul (weights [I, O]) and a small
+    # Gemm (under the size GemmConv takes: left to tract). 256 features, a batch of 1.
+    files.append(save("classifier", [
+        n("GlobalAveragePool", ["x"], ["p"]), n("Flatten", ["p"], ["f"]),
+        n("Gemm", ["f", "w1", "b1"], ["g"], transB=1), n("Relu", ["g"], ["h"]),
+        n("MatMul", ["h", "w2"], ["y1"]),
+        n("Gemm", ["h", "w3", "b3"], ["y2"], transB=1),
+    ], [vi("x", [1, 256, 3, 2])], [vi("y1", [1, 253]), vi("y2", [1, 10])], [
+        const("w1", [260, 256], -0.1, 0.1), const("b1", [260]),
+        const("w2", [260, 253], -0.1, 0.1), const("w3", [10, 260]), const("b3", [10]),
+    ]))
     for rel in files:
         onnx.checker.check_model(os.path.join(HERE, rel))
     return files

@@ -202,6 +202,28 @@ fn residual_adds_and_strided_1x1_convolutions_go_into_the_matrix_multiply() {
 }
 
 #[test]
+fn classifier_matrix_multiplies_go_into_gemm_conv() {
+    // A global average pool, Flatten and a Gemm (weights [O, I]) + bias + ReLU, then a MatMul
+    // (weights [I, O], transposed when packed) and a Gemm under the size GemmConv takes.
+    let rel = "testdata/rewrites/classifier.onnx";
+    let applied = rewritten_outputs_match(rel);
+    assert_eq!(
+        applied,
+        Applied {
+            gemm_convs: gemm_convs(2),
+            ..Applied::default()
+        }
+    );
+    if rewrite::gemm_kernel_available() {
+        // The bias and the ReLU went into the first one's epilogue; the small Gemm is tract's.
+        let ours = op_kinds(&prepare(rel, true));
+        let matmuls = ours.iter().filter(|op| op.contains("MatMul")).count();
+        assert!(matmuls >= 1, "{ours:?}");
+        assert!(!ours.iter().any(|op| op.contains("Max")), "{ours:?}");
+    }
+}
+
+#[test]
 fn depthwise_convolutions_over_rows_match_tract() {
     // A 5x3 window with asymmetric padding and no bias; a 3x3 window with strides 2x3.
     let applied = rewritten_outputs_match("testdata/rewrites/depthwise_conv.onnx");

@@ -38,9 +38,26 @@ pub struct GemmConv {
     /// A second input, shaped as the output, added before the ReLU: a residual connection.
     pub residual: bool,
     pub relu: bool,
-    /// `[N, C, H, W]` or `[C, H, W]`: tract may add or drop a batch axis of 1 here.
+    /// `[N, C, H, W]` or `[C, H, W]`: tract may add or drop a batch axis of 1 here. A
+    /// classifier's fully connected layer (a 1x1 convolution of a 1x1 image): `[1, C]` or
+    /// `[C]`.
     pub output_shape: Vec<usize>,
 }
+
+/// The channel axis of a GemmConv's output of `rank` axes: `[N?, C, H, W]`, or a
+/// classifier's `[1, C]` or `[C]`.
+fn channel_axis(rank: usize) -> usize {
+    match rank {
+        0..=2 => rank.saturating_sub(1),
+        _ => rank - 3,
+    }
+}
+
+/// A classifier's fully connected layer becomes a GemmConv from this many weights (256 KiB;
+/// the model zoo's: 544 to 2048 inputs, 1000 outputs): tract's matrix multiply runs its
+/// matrix-vector product on one thread, GemmConv's runs on the crew. Small ones (the bundled
+/// digits MLP's 64 x 64) stay tract's.
+const CLASSIFIER_MIN_WEIGHTS: usize = 1 << 16;
 
 /// How a convolution's `B` rows read its input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,12 +144,21 @@ impl EvalOp for GemmConv {
         let input = args_1!(inputs);
         let shape = input.shape();
         let rank = shape.len();
-        ensure!((rank == 3 || rank == 4) && shape[rank - 3] == self.input_channels);
-        let (n, h, w) = (
-            shape[..rank - 3].iter().product::<usize>(),
-            shape[rank - 2],
-            shape[rank - 1],
-        );
+        // A classifier's input is `[I]` or `[1, I]` (or `[1, I, 1, 1]`, as an image).
+        let channels = match rank {
+            1 | 2 => shape.iter().product(),
+            3 | 4 => shape[rank - 3],
+            _ => 0,
+        };
+        ensure!(channels == self.input_channels);
+        let (n, h, w) = match rank {
+            1 | 2 => (1, 1, 1),
+            _ => (
+                shape[..rank - 3].iter().product::<usize>(),
+                shape[rank - 2],
+                shape[rank - 1],
+            ),
+        };
         let [oh, ow] = self.geometry.output;
         let cout = self.output_channels();
         let x = input.try_as_plain_ram()?;
@@ -280,6 +306,33 @@ struct Found {
     output_shape: Vec<usize>,
 }
 
+impl Found {
+    /// A 1x1 convolution with stride 1 and no padding, no bias, of `[cout, cin]` weights onto
+    /// `output` planes.
+    fn pointwise(
+        input: OutletId,
+        weights: Vec<f32>,
+        [cout, cin]: [usize; 2],
+        output: [usize; 2],
+        output_shape: Vec<usize>,
+    ) -> Found {
+        Found {
+            input,
+            geometry: Window2d {
+                kernel: [1, 1],
+                stride: [1, 1],
+                pad_before: [0, 0],
+                output,
+            },
+            input_channels: cin,
+            groups: 1,
+            weights,
+            bias: vec![0.0; cout],
+            output_shape,
+        }
+    }
+}
+
 fn found_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> Option<Found> {
     let spec = &conv.pool_spec;
     let fact = model.outlet_fact(node.inputs[0]).ok()?;
@@ -356,9 +409,19 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
         || node.outputs[0].fact.datum_type != f32::datum_type()
         || k_axes.len() != 2
         || x_axes.len() != shape.len()
-        || !(3..=4).contains(&x_axes.len())
-        || !(3..=4).contains(&output.len())
     {
+        return None;
+    }
+    if output.len() <= 2 {
+        return found_classifier(
+            input,
+            [&x_axes, &k_axes, &output],
+            shape,
+            &output_shape,
+            kernel,
+        );
+    }
+    if !(3..=4).contains(&x_axes.len()) || !(3..=4).contains(&output.len()) {
         return None;
     }
     let [o, i] = [k_axes[0], k_axes[1]];
@@ -385,20 +448,77 @@ fn found_einsum(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> Option
     if shape[shape.len() - 3] != cin || output_shape[output.len() - 3..] != [cout, height, width] {
         return None;
     }
-    Some(Found {
+    Some(Found::pointwise(
         input,
-        geometry: Window2d {
-            kernel: [1, 1],
-            stride: [1, 1],
-            pad_before: [0, 0],
-            output: [height, width],
-        },
-        input_channels: cin,
-        groups: 1,
-        weights: f32_values(kernel)?,
-        bias: vec![0.0; cout],
+        f32_values(kernel)?,
+        [cout, cin],
+        [height, width],
         output_shape,
-    })
+    ))
+}
+
+/// A classifier's fully connected layer as tract declutters ONNX's `Gemm` or `MatMul`: an
+/// `EinSum` of the input and a constant kernel `[O, I]` (or `[I, O]`, then transposed) whose
+/// every other axis has size 1: ResNet-50's `mkba,nk->mn` on `[1, 2048, 1, 1]` (the image it
+/// was flattened from kept), `mk,nk->mn` on `[1, I]`, or `k,kn->mn` on `[I]` once tract has
+/// dropped the batch axis; the output `[O]` or `[1, O]`. The bias is an `Add` after it, folded
+/// in as a convolution's. Only from [`CLASSIFIER_MIN_WEIGHTS`].
+fn found_classifier(
+    input: OutletId,
+    [x_axes, k_axes, output]: [&[char]; 3],
+    shape: &[usize],
+    output_shape: &[usize],
+    kernel: &Tensor,
+) -> Option<Found> {
+    let &[k0, k1] = k_axes else {
+        return None;
+    };
+    // The input's and the output's one axis longer than 1 (or, for one of 1, the kernel's).
+    let sole = |axes: &[char], shape: &[usize], pick: &dyn Fn(char) -> bool| {
+        let mut long = axes
+            .iter()
+            .zip(shape)
+            .filter(|(a, &size)| size > 1 || pick(**a));
+        let (&axis, &size) = long.next()?;
+        long.next().is_none().then_some((axis, size))
+    };
+    let (i, cin) = sole(x_axes, shape, &|a| a == k0 || a == k1)?;
+    let (o, cout) = sole(output, output_shape, &|a| a == k0 || a == k1)?;
+    // The input's other axes (a batch, an image's) have size 1: kept or summed over alike.
+    if i == o || x_axes.iter().any(|a| *a != i && k_axes.contains(a)) {
+        return None;
+    }
+    // The classifier's layout as GemmConv reads it: one `1 x 1` image of `I` channels,
+    // `[1, I, 1, 1]` or no more than `[1, I]`.
+    let image = match shape {
+        [_] | [1, _] => true,
+        [1, _, 1, 1] => x_axes[1] == i,
+        _ => false,
+    };
+    if !image || cout * cin < CLASSIFIER_MIN_WEIGHTS {
+        return None;
+    }
+    let values = f32_values(kernel)?;
+    let weights = if k_axes == [o, i] && kernel.shape() == [cout, cin] {
+        values
+    } else if k_axes == [i, o] && kernel.shape() == [cin, cout] {
+        let mut rows = vec![0f32; values.len()];
+        for (c, row) in values.chunks_exact(cout).enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                rows[r * cin + c] = *v;
+            }
+        }
+        rows
+    } else {
+        return None;
+    };
+    Some(Found::pointwise(
+        input,
+        weights,
+        [cout, cin],
+        [1, 1],
+        output_shape.to_vec(),
+    ))
 }
 
 /// tract declutters a strided 1x1 convolution into `Downsample`s on the height and width axes
@@ -509,7 +629,7 @@ pub fn translate(model: &mut TypedModel) -> TractResult<usize> {
             output_shape,
         } = found;
         let cout = bias.len();
-        let channel_axis = output_shape.len() - 3;
+        let channel_axis = channel_axis(output_shape.len());
         let chain = steps_after(model, OutletId::new(id, 0), true, channel_axis);
         let affine = compose(&chain.steps);
         let [kh, kw] = geometry.kernel;
