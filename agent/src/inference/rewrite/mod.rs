@@ -37,7 +37,9 @@ pub struct Applied {
     /// Per-channel multiply / add chains folded into a grouped convolution's kernel and bias.
     pub folded_into_convs: usize,
     /// Convolutions (and the multiply / add / ReLU chain after each) replaced by `GemmConv`,
-    /// our matrix multiply (AVX-512 or AVX2 + FMA); 0 on CPUs with neither (and on aarch64).
+    /// our matrix multiply (AVX-512 or AVX2 + FMA), counting a batch-1 classifier's large
+    /// fully connected layer (a 1x1 convolution of a 1x1 image); 0 on CPUs with neither (and
+    /// on aarch64).
     #[serde(default)]
     pub gemm_convs: usize,
     /// Chains of per-channel multiply / add / ReLU merged into one `ChannelAffine` pass each.
