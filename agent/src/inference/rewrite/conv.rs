@@ -44,11 +44,11 @@ pub struct GemmConv {
     pub output_shape: Vec<usize>,
 }
 
-/// The channel axis of a GemmConv's output of `rank` axes: `[N?, C, H, W]`, or a
-/// classifier's `[1, C]` or `[C]`.
+/// The channel axis of a GemmConv's input or output of `rank` (1 to 4) axes: `[N?, C, H, W]`,
+/// or a classifier's `[N?, C]`.
 fn channel_axis(rank: usize) -> usize {
     match rank {
-        0..=2 => rank.saturating_sub(1),
+        1 | 2 => rank - 1,
         _ => rank - 3,
     }
 }
@@ -144,20 +144,12 @@ impl EvalOp for GemmConv {
         let input = args_1!(inputs);
         let shape = input.shape();
         let rank = shape.len();
-        // A classifier's input is `[I]` or `[1, I]` (or `[1, I, 1, 1]`, as an image).
-        let channels = match rank {
-            1 | 2 => shape.iter().product(),
-            3 | 4 => shape[rank - 3],
-            _ => 0,
-        };
-        ensure!(channels == self.input_channels);
-        let (n, h, w) = match rank {
-            1 | 2 => (1, 1, 1),
-            _ => (
-                shape[..rank - 3].iter().product::<usize>(),
-                shape[rank - 2],
-                shape[rank - 1],
-            ),
+        ensure!((1..=4).contains(&rank) && shape[channel_axis(rank)] == self.input_channels);
+        // A classifier's input, `[1?, I]`, is one 1x1 image.
+        let n = shape[..channel_axis(rank)].iter().product::<usize>();
+        let (h, w) = match rank {
+            1 | 2 => (1, 1),
+            _ => (shape[rank - 2], shape[rank - 1]),
         };
         let [oh, ow] = self.geometry.output;
         let cout = self.output_channels();
@@ -470,20 +462,17 @@ fn found_classifier(
     output_shape: &[usize],
     kernel: &Tensor,
 ) -> Option<Found> {
-    let &[k0, k1] = k_axes else {
-        return None;
-    };
     // The input's and the output's one axis longer than 1 (or, for one of 1, the kernel's).
-    let sole = |axes: &[char], shape: &[usize], pick: &dyn Fn(char) -> bool| {
+    let sole = |axes: &[char], shape: &[usize]| {
         let mut long = axes
             .iter()
             .zip(shape)
-            .filter(|(a, &size)| size > 1 || pick(**a));
+            .filter(|(a, &size)| size > 1 || k_axes.contains(a));
         let (&axis, &size) = long.next()?;
         long.next().is_none().then_some((axis, size))
     };
-    let (i, cin) = sole(x_axes, shape, &|a| a == k0 || a == k1)?;
-    let (o, cout) = sole(output, output_shape, &|a| a == k0 || a == k1)?;
+    let (i, cin) = sole(x_axes, shape)?;
+    let (o, cout) = sole(output, output_shape)?;
     // The input's other axes (a batch, an image's) have size 1: kept or summed over alike.
     if i == o || x_axes.iter().any(|a| *a != i && k_axes.contains(a)) {
         return None;
@@ -498,17 +487,10 @@ fn found_classifier(
     if !image || cout * cin < CLASSIFIER_MIN_WEIGHTS {
         return None;
     }
-    let values = f32_values(kernel)?;
     let weights = if k_axes == [o, i] && kernel.shape() == [cout, cin] {
-        values
+        f32_values(kernel)?
     } else if k_axes == [i, o] && kernel.shape() == [cin, cout] {
-        let mut rows = vec![0f32; values.len()];
-        for (c, row) in values.chunks_exact(cout).enumerate() {
-            for (r, v) in row.iter().enumerate() {
-                rows[r * cin + c] = *v;
-            }
-        }
-        rows
+        f32_values(&kernel.clone().permute_axes(&[1, 0]).ok()?)?
     } else {
         return None;
     };
