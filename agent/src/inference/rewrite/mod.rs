@@ -7,6 +7,7 @@
 
 mod affine;
 mod conv;
+#[allow(unsafe_code)]
 mod depthwise;
 mod fold;
 /// Public for `examples/gemm_shapes.rs`, which measures it on its own.
