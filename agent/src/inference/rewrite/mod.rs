@@ -7,13 +7,14 @@
 
 mod affine;
 mod conv;
-#[allow(unsafe_code)]
 mod depthwise;
 mod fold;
 /// Public for `examples/gemm_shapes.rs`, which measures it on its own.
 #[allow(unsafe_code)]
 pub mod gemm;
 mod geometry;
+#[allow(unsafe_code)]
+mod in_place;
 #[allow(unsafe_code)]
 mod kernels;
 mod lrn;

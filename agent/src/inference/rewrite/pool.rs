@@ -6,13 +6,17 @@
 //! three 3x3/2 max pools drop from a sixth of its time to a few percent. Windows are clamped to
 //! the input, which is what max pooling's padding means (padded cells never win) and what an
 //! average that does not count padding divides by: the window's cells inside the input, rows
-//! times columns.
+//! times columns. Where the window allows (stride 2 with AVX-512, "same" stride 1 with AVX2
+//! too: [`InPlace`]), the windows are read from the input plane in place instead, 16
+//! outputs at a time, padded lanes masked off.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{MaxPool, SumPool};
 
+use super::gemm::Kernel;
 use super::geometry::Window2d;
+use super::in_place::InPlace;
 use super::kernels::{self, inline};
 use crate::inference::warm;
 
@@ -75,11 +79,18 @@ fn combine(out: &mut [f32], inputs: &[&[f32]], f: impl Fn(f32, f32) -> f32 + Cop
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RowPool {
     pub geometry: Window2d,
     pub reduce: Reduce,
+    /// The plane read in place, where the window allows it and the CPU has a kernel for it.
+    in_place: Option<InPlace>,
+    /// With `in_place`, for an average: per output of a plane, 1 / its window's cells inside
+    /// the input.
+    scale: Vec<f32>,
 }
+
+impl Eq for RowPool {}
 
 impl Op for RowPool {
     fn name(&self) -> StaticName {
@@ -92,9 +103,14 @@ impl Op for RowPool {
     fn info(&self) -> TractResult<Vec<String>> {
         let sum = matches!(self.reduce, Reduce::Sum { average: false });
         Ok(vec![format!(
-            "{}{}",
+            "{}{}{}",
             self.geometry.info(),
-            if sum { ", sum" } else { "" }
+            if sum { ", sum" } else { "" },
+            if self.in_place.is_some() {
+                ", read in place"
+            } else {
+                ""
+            }
         )])
     }
 
@@ -238,6 +254,19 @@ impl EvalOp for RowPool {
         if oh * ow > 0 && h * w > 0 {
             let [kh, kw] = self.geometry.kernel;
             let work_size = y.len() * kh * kw;
+            if let Some(in_place) = &self.in_place {
+                ensure!([h, w] == in_place.input());
+                warm::for_parts(y, oh * ow, work_size, &|planes, y| {
+                    for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
+                        let x = &x[ix * h * w..][..h * w];
+                        match self.reduce {
+                            Reduce::Max => in_place.max(x, y),
+                            Reduce::Sum { .. } => in_place.sum(x, y, &self.scale),
+                        }
+                    }
+                });
+                return Ok(tvec!(output.into_tvalue()));
+            }
             // Planes shared out over the inference's crew, each part with its own buffers.
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
                 let mut scratch = Scratch::new(self, w);
@@ -300,7 +329,19 @@ pub fn translate(model: &mut TypedModel) -> TractResult<[usize; 2]> {
         if empty && reduce != Reduce::Max {
             continue;
         }
-        let op = RowPool { geometry, reduce };
+        let in_place = Kernel::best().and_then(|k| InPlace::of(k, &geometry, [h, w]));
+        let scale = match (&in_place, reduce) {
+            (Some(in_place), Reduce::Sum { average: true }) => {
+                in_place.cells().iter().map(|&c| 1.0 / c as f32).collect()
+            }
+            _ => Vec::new(),
+        };
+        let op = RowPool {
+            geometry,
+            reduce,
+            in_place,
+            scale,
+        };
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
         patch.apply(model)?;
         replaced[usize::from(reduce != Reduce::Max)] += 1;

@@ -1,0 +1,574 @@
+//! Window ops over one NCHW plane read from the input in place, run by run of 16 outputs,
+//! for the windows where every tap of a run is one vector load (or two): a stride-1 window
+//! whose output rows are as wide as the input's ("same" padding across), where output `p`
+//! (row-major) reads tap `t` at input `p + offset[t]`; and, with AVX-512, a stride-2 window,
+//! each tap of a run of 16 outputs in a row being the even lanes of two loads. Lanes whose
+//! cell lies in the padding are masked off (read as the fold's identity: 0, or `-inf` for a
+//! max), and the results are stored straight into the output plane: no phase split of the
+//! input, no padded copy, no trim. Depthwise convolutions (weighted sums) and max and average
+//! pools run on it.
+
+use super::gemm::Kernel;
+use super::geometry::Window2d;
+
+/// Lanes of one run of outputs: a zmm register, or two ymm ones.
+const LANES: usize = 16;
+
+/// A window read from the input plane in place, run by run of up to 16 outputs along a row
+/// (or, at stride 1, along the whole plane): tap `t` of a run reads the input at `run.input +
+/// offsets[t]`, one vector (stride 1) or two whose even lanes it takes (stride 2), its lanes
+/// outside the input masked off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InPlace {
+    kernel: Kernel,
+    /// The input plane's height and width.
+    input: [usize; 2],
+    /// 1 or 2, on both axes.
+    stride: usize,
+    /// Per tap, row-major: where it reads relative to a run's `input`.
+    offsets: Vec<isize>,
+    runs: Vec<Run>,
+    /// Per tap and run, `masks[t * runs + run]` (a group of runs' masks for one tap side by
+    /// side): bit `j` set when the run's element `j` of its tap's read (of 16 at stride 1, of
+    /// 32 at stride 2, even ones only) is a cell of the input that an output uses.
+    masks: Vec<u32>,
+}
+
+/// Up to 16 consecutive outputs of a plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    /// Where its reads start in the input plane, before a tap's offset (negative in the
+    /// padding before the first row).
+    input: isize,
+    /// Its first output.
+    output: usize,
+    /// How many outputs, 1 to 16.
+    len: usize,
+}
+
+impl InPlace {
+    /// The in-place reading of `geometry` on an `h x w` input, run by `kernel`, when the
+    /// window allows it: stride 1 with output rows `w` wide (then a run spans rows: one
+    /// offset per tap for every output), or stride 2 on both axes with AVX-512.
+    pub fn of(kernel: Kernel, geometry: &Window2d, [h, w]: [usize; 2]) -> Option<InPlace> {
+        let [oh, ow] = geometry.output;
+        let stride = match geometry.stride {
+            [1, 1] if ow == w => 1,
+            [2, 2] if kernel == Kernel::Avx512 => 2,
+            _ => return None,
+        };
+        if oh * ow == 0 || h * w == 0 {
+            return None;
+        }
+        let [kh, kw] = geometry.kernel;
+        let [py, px] = geometry.pad_before.map(|p| p as isize);
+        let (hi, wi) = (h as isize, w as isize);
+        let taps: Vec<[isize; 2]> = (0..kh as isize)
+            .flat_map(|ky| (0..kw as isize).map(move |kx| [ky, kx]))
+            .collect();
+        let runs: Vec<Run> = if stride == 1 {
+            let n = oh * ow;
+            (0..n.div_ceil(LANES))
+                .map(|r| Run {
+                    input: (r * LANES) as isize - py * wi - px,
+                    output: r * LANES,
+                    len: (n - r * LANES).min(LANES),
+                })
+                .collect()
+        } else {
+            (0..oh)
+                .flat_map(|oy| {
+                    (0..ow.div_ceil(LANES)).map(move |r| Run {
+                        input: (2 * oy as isize - py) * wi + (2 * r * LANES) as isize - px,
+                        output: oy * ow + r * LANES,
+                        len: (ow - r * LANES).min(LANES),
+                    })
+                })
+                .collect()
+        };
+        let offsets: Vec<isize> = taps.iter().map(|[ky, kx]| ky * wi + kx).collect();
+        // The input cell that output `l` of a run reads at tap `[ky, kx]`, when inside.
+        let cell = |run: &Run, l: usize, [ky, kx]: [isize; 2]| {
+            let p = run.output + l;
+            let (oy, ox) = ((p / ow) as isize, (p % ow) as isize);
+            let s = stride as isize;
+            let (iy, ix) = (s * oy + ky - py, s * ox + kx - px);
+            ((0..hi).contains(&iy) && (0..wi).contains(&ix)).then_some(iy * wi + ix)
+        };
+        let masks = taps
+            .iter()
+            .zip(&offsets)
+            .flat_map(|(&tap, &offset)| {
+                runs.iter().map(move |run| {
+                    let mut mask = 0u32;
+                    for l in 0..run.len {
+                        if let Some(at) = cell(run, l, tap) {
+                            // Element `j` of the tap's read of the run is at `input + offset
+                            // + j`; output `l` takes element `stride * l`.
+                            debug_assert_eq!(at, run.input + offset + (stride * l) as isize);
+                            mask |= 1 << (stride * l);
+                        }
+                    }
+                    mask
+                })
+            })
+            .collect();
+        Some(InPlace {
+            kernel,
+            input: [h, w],
+            stride,
+            offsets,
+            runs,
+            masks,
+        })
+    }
+
+    /// The input plane's height and width.
+    pub fn input(&self) -> [usize; 2] {
+        self.input
+    }
+
+    /// Per output of the plane, how many of its window's cells lie inside the input.
+    pub fn cells(&self) -> Vec<usize> {
+        let runs = self.runs.len();
+        let mut cells = vec![0; self.runs.last().map_or(0, |r| r.output + r.len)];
+        for masks in self.masks.chunks_exact(runs) {
+            for (run, mask) in self.runs.iter().zip(masks) {
+                for (l, cells) in cells[run.output..][..run.len].iter_mut().enumerate() {
+                    *cells += usize::from(mask >> (self.stride * l) & 1 == 1);
+                }
+            }
+        }
+        cells
+    }
+
+    /// A depthwise convolution's channel: `y = bias + the sum over the window's cells inside
+    /// the input of weight times cell`.
+    pub fn convolve(&self, x: &[f32], y: &mut [f32], weights: &[f32], bias: f32) {
+        assert_eq!(weights.len(), self.offsets.len());
+        self.plane::<WEIGHTED>(x, y, weights, bias, &[]);
+    }
+
+    /// A max pool's channel: `y` = the largest of the window's cells inside the input
+    /// (`-inf` where there is none).
+    pub fn max(&self, x: &[f32], y: &mut [f32]) {
+        self.plane::<MAX>(x, y, &[], f32::NEG_INFINITY, &[]);
+    }
+
+    /// A sum pool's channel: `y` = the sum of the window's cells inside the input, times
+    /// `scale`'s element for that output unless `scale` is empty (an average: 1 / [`cells`]).
+    ///
+    /// [`cells`]: InPlace::cells
+    pub fn sum(&self, x: &[f32], y: &mut [f32], scale: &[f32]) {
+        assert!(scale.is_empty() || scale.len() == y.len());
+        self.plane::<SUM>(x, y, &[], 0.0, scale);
+    }
+
+    fn plane<const FOLD: u8>(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        weights: &[f32],
+        init: f32,
+        scale: &[f32],
+    ) {
+        assert_eq!(x.len(), self.input[0] * self.input[1]);
+        assert_eq!(self.masks.len(), self.offsets.len() * self.runs.len());
+        assert!(self
+            .runs
+            .last()
+            .is_some_and(|r| r.output + r.len == y.len()));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `of` took the kernel from `Kernel::best` (or a test from `Kernel::here`):
+        // the CPU runs it, and stride 2 only with AVX-512. The masks let through only cells
+        // inside `x` (`of`), and the runs' outputs lie inside `y` (and `scale`, when given),
+        // whose lengths are asserted above; `convolve` asserted one weight per tap.
+        unsafe {
+            match (self.kernel, self.stride) {
+                (Kernel::Avx512, 1) => {
+                    avx512::plane::<false, FOLD>(self, x, y, weights, init, scale)
+                }
+                (Kernel::Avx512, _) => {
+                    avx512::plane::<true, FOLD>(self, x, y, weights, init, scale)
+                }
+                (Kernel::Avx2, _) => avx2::plane::<FOLD>(self, x, y, weights, init, scale),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (x, y, weights, init, scale);
+    }
+}
+
+/// What the window's cells fold into: `init + sum of weight * cell`.
+const WEIGHTED: u8 = 0;
+/// `max(init, cells...)`.
+const MAX: u8 = 1;
+/// `(init + sum of cells) * scale`.
+const SUM: u8 = 2;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{InPlace, MAX, SUM, WEIGHTED};
+
+    /// Runs whose results go through the taps together: independent chains, so that one's
+    /// latency hides behind the others'.
+    const GROUP: usize = 4;
+
+    /// [`InPlace::plane`] in zmm registers; `STRIDE2`: each tap's 16 outputs are the even
+    /// lanes of two loads.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; as `InPlace::plane` asserts, with the runs and masks `of` built.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn plane<const STRIDE2: bool, const FOLD: u8>(
+        op: &InPlace,
+        x: &[f32],
+        y: &mut [f32],
+        weights: &[f32],
+        init: f32,
+        scale: &[f32],
+    ) {
+        let runs = op.runs.len();
+        let mut first = 0;
+        while first + GROUP <= runs {
+            unsafe { group::<GROUP, STRIDE2, FOLD>(op, x, y, weights, init, scale, first) };
+            first += GROUP;
+        }
+        for first in first..runs {
+            unsafe { group::<1, STRIDE2, FOLD>(op, x, y, weights, init, scale, first) };
+        }
+    }
+
+    /// `G` runs from `first`. Raw pointers, so that the loop over the taps keeps its bases in
+    /// registers with no bounds check (`perf`: the indexed form spilled them).
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group<const G: usize, const STRIDE2: bool, const FOLD: u8>(
+        op: &InPlace,
+        x: &[f32],
+        y: &mut [f32],
+        weights: &[f32],
+        init: f32,
+        scale: &[f32],
+        first: usize,
+    ) {
+        let runs = &op.runs[first..][..G];
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        // What a masked-off lane reads: the fold's identity.
+        let fill = _mm512_set1_ps(if FOLD == MAX { f32::NEG_INFINITY } else { 0.0 });
+        let mut acc = [_mm512_set1_ps(init); G];
+        let mut from = [x.as_ptr(); G];
+        for u in 0..G {
+            from[u] = x.as_ptr().wrapping_offset(runs[u].input);
+        }
+        for (t, &offset) in op.offsets.iter().enumerate() {
+            let w = match FOLD {
+                WEIGHTED => _mm512_set1_ps(weights[t]),
+                _ => fill,
+            };
+            // SAFETY: `plane` asserted `masks` has `taps * runs` elements, and `first + G <=
+            // runs`.
+            let masks = unsafe { op.masks.as_ptr().add(t * op.runs.len() + first) };
+            for u in 0..G {
+                let at = from[u].wrapping_offset(offset);
+                let mask = unsafe { *masks.add(u) };
+                // SAFETY: lanes off the mask are neither read nor able to fault, wherever they
+                // point; those on it are inside `x` (`InPlace::of`).
+                let v = unsafe {
+                    let low = _mm512_mask_loadu_ps(fill, mask as u16, at);
+                    if STRIDE2 {
+                        let high =
+                            _mm512_mask_loadu_ps(fill, (mask >> 16) as u16, at.wrapping_add(16));
+                        _mm512_permutex2var_ps(low, evens, high)
+                    } else {
+                        low
+                    }
+                };
+                acc[u] = match FOLD {
+                    WEIGHTED => _mm512_fmadd_ps(w, v, acc[u]),
+                    MAX => _mm512_max_ps(acc[u], v),
+                    _ => _mm512_add_ps(acc[u], v),
+                };
+            }
+        }
+        for u in 0..G {
+            let mask = ((1u32 << runs[u].len) - 1) as u16;
+            let at = runs[u].output;
+            if FOLD == SUM && !scale.is_empty() {
+                let s = unsafe { _mm512_maskz_loadu_ps(mask, scale.as_ptr().add(at)) };
+                acc[u] = _mm512_mul_ps(acc[u], s);
+            }
+            unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr().add(at), mask, acc[u]) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{InPlace, LANES, MAX, SUM, WEIGHTED};
+
+    /// Lanes of a ymm register: half a run.
+    const HALF: usize = LANES / 2;
+    /// Half-runs whose results go through the taps together.
+    const GROUP: usize = 4;
+
+    /// [`InPlace::plane`] at stride 1 in ymm registers, half a run at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; as `InPlace::plane` asserts, with the runs and masks `of`
+    /// built at stride 1.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn plane<const FOLD: u8>(
+        op: &InPlace,
+        x: &[f32],
+        y: &mut [f32],
+        weights: &[f32],
+        init: f32,
+        scale: &[f32],
+    ) {
+        // Stride 1: runs are whole 16-output stretches of the plane but the last.
+        let halves = y.len().div_ceil(HALF);
+        let mut first = 0;
+        while first + GROUP <= halves {
+            unsafe { group::<GROUP, FOLD>(op, x, y, weights, init, scale, first) };
+            first += GROUP;
+        }
+        for first in first..halves {
+            unsafe { group::<1, FOLD>(op, x, y, weights, init, scale, first) };
+        }
+    }
+
+    /// Lane `l` of the result all ones where bit `l` of `bits` is set: a mask for
+    /// `vmaskmovps`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lanes(bits: u32) -> __m256i {
+        let select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let bits = _mm256_set1_epi32((bits & 0xff) as i32);
+        _mm256_cmpeq_epi32(_mm256_and_si256(bits, select), select)
+    }
+
+    /// `G` half-runs from `first`, as the AVX-512 kernel's group.
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group<const G: usize, const FOLD: u8>(
+        op: &InPlace,
+        x: &[f32],
+        y: &mut [f32],
+        weights: &[f32],
+        init: f32,
+        scale: &[f32],
+        first: usize,
+    ) {
+        let runs = op.runs.len();
+        let negative_infinity = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut acc = [_mm256_set1_ps(init); G];
+        let from = x
+            .as_ptr()
+            .wrapping_offset(op.runs[0].input)
+            .wrapping_add(first * HALF);
+        for (t, &offset) in op.offsets.iter().enumerate() {
+            let w = match FOLD {
+                WEIGHTED => _mm256_set1_ps(weights[t]),
+                _ => negative_infinity,
+            };
+            let masks = &op.masks[t * runs..][..runs];
+            let at = from.wrapping_offset(offset);
+            for u in 0..G {
+                let half = first + u;
+                let mask = lanes(masks[half / 2] >> (half % 2 * HALF));
+                // SAFETY: lanes off the mask are neither read nor able to fault, wherever they
+                // point; those on it are inside `x` (`InPlace::of`). They read as 0.
+                let v = unsafe { _mm256_maskload_ps(at.wrapping_add(u * HALF), mask) };
+                acc[u] = match FOLD {
+                    WEIGHTED => _mm256_fmadd_ps(w, v, acc[u]),
+                    MAX => {
+                        let v = _mm256_blendv_ps(negative_infinity, v, _mm256_castsi256_ps(mask));
+                        _mm256_max_ps(acc[u], v)
+                    }
+                    _ => _mm256_add_ps(acc[u], v),
+                };
+            }
+        }
+        for u in 0..G {
+            let start = (first + u) * HALF;
+            let left = (y.len() - start).min(HALF);
+            let mask = lanes((1u32 << left) - 1);
+            if FOLD == SUM && !scale.is_empty() {
+                let s = unsafe { _mm256_maskload_ps(scale.as_ptr().add(start), mask) };
+                acc[u] = _mm256_mul_ps(acc[u], s);
+            }
+            unsafe { _mm256_maskstore_ps(y.as_mut_ptr().add(start), mask, acc[u]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per output, the window's cells inside the input with their taps' weights, over the
+    /// plain NCHW indices.
+    fn windows(
+        g: &Window2d,
+        x: &[f32],
+        [h, w]: [usize; 2],
+        weights: &[f32],
+    ) -> Vec<Vec<(f32, f32)>> {
+        let [oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let mut y = Vec::new();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut cells = Vec::new();
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let iy = (g.stride[0] * oy + ky) as isize - g.pad_before[0] as isize;
+                        let ix = (g.stride[1] * ox + kx) as isize - g.pad_before[1] as isize;
+                        if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                            cells.push((weights[ky * kw + kx], x[iy as usize * w + ix as usize]));
+                        }
+                    }
+                }
+                y.push(cells);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn planes_read_in_place_fold_their_windows_cells_on_every_kernel() {
+        // Stride 1: widths of 1, under a run, a run and not, planes of one run and of many;
+        // windows padded evenly, unevenly and on one side, taller than the input, and 1x1.
+        // Stride 2: ShuffleNet's three, odd sizes, 5x5, padding on one side, rows of more
+        // than one run, a 1x1 input, an even window.
+        let cases: &[(usize, [usize; 2], [usize; 2], [usize; 4])] = &[
+            (1, [3, 3], [28, 28], [1, 1, 1, 1]),
+            (1, [3, 3], [7, 7], [1, 1, 1, 1]),
+            (1, [3, 3], [14, 14], [1, 1, 1, 1]),
+            (1, [3, 3], [1, 1], [1, 1, 1, 1]),
+            (1, [3, 3], [5, 1], [1, 1, 1, 1]),
+            (1, [5, 3], [9, 13], [2, 0, 1, 2]),
+            (1, [5, 5], [4, 17], [2, 2, 2, 2]),
+            (1, [7, 7], [3, 3], [3, 3, 3, 3]),
+            (1, [1, 1], [6, 19], [0, 0, 0, 0]),
+            (1, [3, 1], [16, 16], [0, 0, 2, 0]),
+            (2, [3, 3], [56, 56], [1, 1, 1, 1]),
+            (2, [3, 3], [28, 28], [1, 1, 1, 1]),
+            (2, [3, 3], [14, 14], [1, 1, 1, 1]),
+            (2, [3, 3], [15, 9], [1, 1, 1, 1]),
+            (2, [5, 5], [37, 20], [2, 2, 2, 2]),
+            (2, [3, 3], [8, 71], [0, 0, 1, 1]),
+            (2, [3, 3], [1, 1], [1, 1, 1, 1]),
+            (2, [2, 2], [6, 6], [0, 0, 0, 0]),
+        ];
+        for &(stride, [kh, kw], [h, w], [top, left, bottom, right]) in cases {
+            let oh = (h + top + bottom - kh) / stride + 1;
+            let ow = (w + left + right - kw) / stride + 1;
+            assert!(
+                stride == 2 || ow == w,
+                "a stride-1 case whose rows keep their width"
+            );
+            let g = Window2d {
+                kernel: [kh, kw],
+                stride: [stride; 2],
+                pad_before: [top, left],
+                output: [oh, ow],
+            };
+            let x: Vec<f32> = (0..h * w)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 8.0)
+                .collect();
+            let weights: Vec<f32> = (0..kh * kw)
+                .map(|i| ((i * 5 % 7) as f32 - 3.0) / 4.0)
+                .collect();
+            let windows = windows(&g, &x, [h, w], &weights);
+            let weighted = windows.iter().map(|cells| {
+                let sum: f64 = cells
+                    .iter()
+                    .map(|&(w, x)| f64::from(w) * f64::from(x))
+                    .sum();
+                (0.5 + sum) as f32
+            });
+            let max = windows
+                .iter()
+                .map(|cells| cells.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max));
+            let sum = windows
+                .iter()
+                .map(|cells| cells.iter().map(|c| f64::from(c.1)).sum::<f64>() as f32);
+            let average = windows.iter().map(|cells| {
+                (cells.iter().map(|c| f64::from(c.1)).sum::<f64>() / cells.len() as f64) as f32
+            });
+            let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
+            let expected: [Vec<f32>; 4] = [
+                weighted.collect(),
+                max.collect(),
+                sum.collect(),
+                average.collect(),
+            ];
+            for kernel in Kernel::here() {
+                let Some(op) = InPlace::of(kernel, &g, [h, w]) else {
+                    assert!(stride == 2 && kernel == Kernel::Avx2);
+                    continue;
+                };
+                assert_eq!(op.cells(), counts);
+                let scale: Vec<f32> = counts.iter().map(|&c| 1.0 / c as f32).collect();
+                for (fold, expected) in ["weighted", "max", "sum", "average"].iter().zip(&expected)
+                {
+                    // Slack around the output: a lane stored past its end would show.
+                    let mut y = vec![f32::NAN; oh * ow + 40];
+                    let out = &mut y[..oh * ow];
+                    match *fold {
+                        "weighted" => op.convolve(&x, out, &weights, 0.5),
+                        "max" => op.max(&x, out),
+                        "sum" => op.sum(&x, out, &[]),
+                        _ => op.sum(&x, out, &scale),
+                    }
+                    let case = format!("{kernel:?} {fold} {kh}x{kw}/{stride} on {h}x{w}");
+                    for (i, (got, want)) in y.iter().zip(expected).enumerate() {
+                        let close = (got - want).abs() <= 1e-5 * want.abs().max(1.0);
+                        assert!(close, "{case}: output {i} is {got}, not {want}");
+                    }
+                    assert!(
+                        y[oh * ow..].iter().all(|v| v.is_nan()),
+                        "{case}: wrote past"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_windows_of_one_offset_per_tap_or_stride_2_are_read_in_place() {
+        let g = |stride, output| Window2d {
+            kernel: [3, 3],
+            stride,
+            pad_before: [1, 1],
+            output,
+        };
+        let in_place = |kernel, g: &Window2d| InPlace::of(kernel, g, [8, 8]).is_some();
+        for kernel in Kernel::ALL {
+            assert!(in_place(kernel, &g([1, 1], [8, 8])));
+            assert!(
+                in_place(kernel, &g([1, 1], [7, 8])),
+                "rows dropped: one offset per tap"
+            );
+            assert!(
+                !in_place(kernel, &g([1, 1], [8, 6])),
+                "narrower rows: no single offset"
+            );
+            assert!(!in_place(kernel, &g([1, 2], [8, 4])));
+            assert!(!in_place(kernel, &g([3, 3], [3, 3])));
+        }
+        assert!(in_place(Kernel::Avx512, &g([2, 2], [4, 4])));
+        assert!(
+            !in_place(Kernel::Avx2, &g([2, 2], [4, 4])),
+            "stride 2 on AVX-512 only"
+        );
+    }
+}
