@@ -448,7 +448,9 @@ mod tests {
         // windows padded evenly, unevenly and on one side, taller than the input, and 1x1.
         // Stride 2: ShuffleNet's three, odd sizes, 5x5, padding on one side, rows of more
         // than one run, a 1x1 input, an even window.
-        let cases: &[(usize, [usize; 2], [usize; 2], [usize; 4])] = &[
+        // Stride, kernel, input, padding (top, left, bottom, right).
+        type Case = (usize, [usize; 2], [usize; 2], [usize; 4]);
+        let cases: &[Case] = &[
             (1, [3, 3], [28, 28], [1, 1, 1, 1]),
             (1, [3, 3], [7, 7], [1, 1, 1, 1]),
             (1, [3, 3], [14, 14], [1, 1, 1, 1]),
