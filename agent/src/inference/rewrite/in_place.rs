@@ -195,7 +195,7 @@ impl InPlace {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (x, y, weights, init, scale);
+        let _ = (self.kernel, x, y, weights, init, scale);
     }
 }
 
