@@ -146,13 +146,25 @@ impl InPlace {
     /// the input of weight times cell`.
     pub fn convolve(&self, x: &[f32], y: &mut [f32], weights: &[f32], bias: f32) {
         assert_eq!(weights.len(), self.offsets.len());
-        self.plane::<WEIGHTED>(x, y, weights, bias, &[]);
+        let plane = Plane {
+            x,
+            weights,
+            init: bias,
+            scale: &[],
+        };
+        self.plane::<WEIGHTED>(&plane, y);
     }
 
     /// A max pool's channel: `y` = the largest of the window's cells inside the input
     /// (`-inf` where there is none).
     pub fn max(&self, x: &[f32], y: &mut [f32]) {
-        self.plane::<MAX>(x, y, &[], f32::NEG_INFINITY, &[]);
+        let plane = Plane {
+            x,
+            weights: &[],
+            init: f32::NEG_INFINITY,
+            scale: &[],
+        };
+        self.plane::<MAX>(&plane, y);
     }
 
     /// A sum pool's channel: `y` = the sum of the window's cells inside the input, times
@@ -161,18 +173,17 @@ impl InPlace {
     /// [`cells`]: InPlace::cells
     pub fn sum(&self, x: &[f32], y: &mut [f32], scale: &[f32]) {
         assert!(scale.is_empty() || scale.len() == y.len());
-        self.plane::<SUM>(x, y, &[], 0.0, scale);
+        let plane = Plane {
+            x,
+            weights: &[],
+            init: 0.0,
+            scale,
+        };
+        self.plane::<SUM>(&plane, y);
     }
 
-    fn plane<const FOLD: u8>(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        weights: &[f32],
-        init: f32,
-        scale: &[f32],
-    ) {
-        assert_eq!(x.len(), self.input[0] * self.input[1]);
+    fn plane<const FOLD: u8>(&self, plane: &Plane, y: &mut [f32]) {
+        assert_eq!(plane.x.len(), self.input[0] * self.input[1]);
         assert_eq!(self.masks.len(), self.offsets.len() * self.runs.len());
         assert!(self
             .runs
@@ -185,18 +196,25 @@ impl InPlace {
         // whose lengths are asserted above; `convolve` asserted one weight per tap.
         unsafe {
             match (self.kernel, self.stride) {
-                (Kernel::Avx512, 1) => {
-                    avx512::plane::<false, FOLD>(self, x, y, weights, init, scale)
-                }
-                (Kernel::Avx512, _) => {
-                    avx512::plane::<true, FOLD>(self, x, y, weights, init, scale)
-                }
-                (Kernel::Avx2, _) => avx2::plane::<FOLD>(self, x, y, weights, init, scale),
+                (Kernel::Avx512, 1) => avx512::plane::<false, FOLD>(self, plane, y),
+                (Kernel::Avx512, _) => avx512::plane::<true, FOLD>(self, plane, y),
+                (Kernel::Avx2, _) => avx2::plane::<FOLD>(self, plane, y),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (self.kernel, x, y, weights, init, scale);
+        let _ = (self.kernel, plane, y);
     }
+}
+
+/// One plane's fold: its input, and what the fold takes besides.
+struct Plane<'a> {
+    x: &'a [f32],
+    /// A convolution's weights, one per tap (empty for a pool).
+    weights: &'a [f32],
+    /// What each output starts from: a convolution's bias, `-inf` for a max, 0 for a sum.
+    init: f32,
+    /// An average's factor per output (empty otherwise).
+    scale: &'a [f32],
 }
 
 /// What the window's cells fold into: `init + sum of weight * cell`.
@@ -210,7 +228,7 @@ const SUM: u8 = 2;
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{InPlace, MAX, SUM, WEIGHTED};
+    use super::{InPlace, Plane, MAX, SUM, WEIGHTED};
 
     /// Runs whose results go through the taps together: independent chains, so that one's
     /// latency hides behind the others'.
@@ -224,49 +242,43 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn plane<const STRIDE2: bool, const FOLD: u8>(
         op: &InPlace,
-        x: &[f32],
+        plane: &Plane,
         y: &mut [f32],
-        weights: &[f32],
-        init: f32,
-        scale: &[f32],
     ) {
         let runs = op.runs.len();
         let mut first = 0;
         while first + GROUP <= runs {
-            unsafe { group::<GROUP, STRIDE2, FOLD>(op, x, y, weights, init, scale, first) };
+            unsafe { group::<GROUP, STRIDE2, FOLD>(op, plane, y, first) };
             first += GROUP;
         }
         for first in first..runs {
-            unsafe { group::<1, STRIDE2, FOLD>(op, x, y, weights, init, scale, first) };
+            unsafe { group::<1, STRIDE2, FOLD>(op, plane, y, first) };
         }
     }
 
     /// `G` runs from `first`. Raw pointers, so that the loop over the taps keeps its bases in
     /// registers with no bounds check (`perf`: the indexed form spilled them).
-    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn group<const G: usize, const STRIDE2: bool, const FOLD: u8>(
         op: &InPlace,
-        x: &[f32],
+        plane: &Plane,
         y: &mut [f32],
-        weights: &[f32],
-        init: f32,
-        scale: &[f32],
         first: usize,
     ) {
         let runs = &op.runs[first..][..G];
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         // What a masked-off lane reads: the fold's identity.
         let fill = _mm512_set1_ps(if FOLD == MAX { f32::NEG_INFINITY } else { 0.0 });
-        let mut acc = [_mm512_set1_ps(init); G];
-        let mut from = [x.as_ptr(); G];
+        let mut acc = [_mm512_set1_ps(plane.init); G];
+        let mut from = [plane.x.as_ptr(); G];
         for u in 0..G {
-            from[u] = x.as_ptr().wrapping_offset(runs[u].input);
+            from[u] = plane.x.as_ptr().wrapping_offset(runs[u].input);
         }
         for (t, &offset) in op.offsets.iter().enumerate() {
             let w = match FOLD {
-                WEIGHTED => _mm512_set1_ps(weights[t]),
+                WEIGHTED => _mm512_set1_ps(plane.weights[t]),
                 _ => fill,
             };
             // SAFETY: `plane` asserted `masks` has `taps * runs` elements, and `first + G <=
@@ -297,8 +309,8 @@ mod avx512 {
         for u in 0..G {
             let mask = ((1u32 << runs[u].len) - 1) as u16;
             let at = runs[u].output;
-            if FOLD == SUM && !scale.is_empty() {
-                let s = unsafe { _mm512_maskz_loadu_ps(mask, scale.as_ptr().add(at)) };
+            if FOLD == SUM && !plane.scale.is_empty() {
+                let s = unsafe { _mm512_maskz_loadu_ps(mask, plane.scale.as_ptr().add(at)) };
                 acc[u] = _mm512_mul_ps(acc[u], s);
             }
             unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr().add(at), mask, acc[u]) };
@@ -310,7 +322,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{InPlace, LANES, MAX, SUM, WEIGHTED};
+    use super::{InPlace, Plane, LANES, MAX, SUM, WEIGHTED};
 
     /// Lanes of a ymm register: half a run.
     const HALF: usize = LANES / 2;
@@ -323,23 +335,16 @@ mod avx2 {
     /// The CPU has AVX2 and FMA; as `InPlace::plane` asserts, with the runs and masks `of`
     /// built at stride 1.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn plane<const FOLD: u8>(
-        op: &InPlace,
-        x: &[f32],
-        y: &mut [f32],
-        weights: &[f32],
-        init: f32,
-        scale: &[f32],
-    ) {
+    pub(super) unsafe fn plane<const FOLD: u8>(op: &InPlace, plane: &Plane, y: &mut [f32]) {
         // Stride 1: runs are whole 16-output stretches of the plane but the last.
         let halves = y.len().div_ceil(HALF);
         let mut first = 0;
         while first + GROUP <= halves {
-            unsafe { group::<GROUP, FOLD>(op, x, y, weights, init, scale, first) };
+            unsafe { group::<GROUP, FOLD>(op, plane, y, first) };
             first += GROUP;
         }
         for first in first..halves {
-            unsafe { group::<1, FOLD>(op, x, y, weights, init, scale, first) };
+            unsafe { group::<1, FOLD>(op, plane, y, first) };
         }
     }
 
@@ -354,28 +359,26 @@ mod avx2 {
     }
 
     /// `G` half-runs from `first`, as the AVX-512 kernel's group.
-    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn group<const G: usize, const FOLD: u8>(
         op: &InPlace,
-        x: &[f32],
+        plane: &Plane,
         y: &mut [f32],
-        weights: &[f32],
-        init: f32,
-        scale: &[f32],
         first: usize,
     ) {
         let runs = op.runs.len();
         let negative_infinity = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut acc = [_mm256_set1_ps(init); G];
-        let from = x
+        let mut acc = [_mm256_set1_ps(plane.init); G];
+        let from = plane
+            .x
             .as_ptr()
             .wrapping_offset(op.runs[0].input)
             .wrapping_add(first * HALF);
         for (t, &offset) in op.offsets.iter().enumerate() {
             let w = match FOLD {
-                WEIGHTED => _mm256_set1_ps(weights[t]),
+                WEIGHTED => _mm256_set1_ps(plane.weights[t]),
                 _ => negative_infinity,
             };
             let masks = &op.masks[t * runs..][..runs];
@@ -400,8 +403,8 @@ mod avx2 {
             let start = (first + u) * HALF;
             let left = (y.len() - start).min(HALF);
             let mask = lanes((1u32 << left) - 1);
-            if FOLD == SUM && !scale.is_empty() {
-                let s = unsafe { _mm256_maskload_ps(scale.as_ptr().add(start), mask) };
+            if FOLD == SUM && !plane.scale.is_empty() {
+                let s = unsafe { _mm256_maskload_ps(plane.scale.as_ptr().add(start), mask) };
                 acc[u] = _mm256_mul_ps(acc[u], s);
             }
             unsafe { _mm256_maskstore_ps(y.as_mut_ptr().add(start), mask, acc[u]) };
