@@ -104,8 +104,9 @@ impl InPlace {
                     for l in 0..run.len {
                         if let Some(at) = cell(run, l, tap) {
                             // Element `j` of the tap's read of the run is at `input + offset
-                            // + j`; output `l` takes element `stride * l`.
-                            debug_assert_eq!(at, run.input + offset + (stride * l) as isize);
+                            // + j`; output `l` takes element `stride * l`. The kernels read
+                            // every lane on the mask unchecked: it must be this cell.
+                            assert_eq!(at, run.input + offset + (stride * l) as isize);
                             mask |= 1 << (stride * l);
                         }
                     }
