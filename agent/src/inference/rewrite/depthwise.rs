@@ -100,10 +100,11 @@ impl EvalOp for RowDepthwiseConv {
         let mut out = output.try_as_plain_ram_mut()?;
         let y = out.as_slice_mut::<f32>()?;
         if oh * ow > 0 && h * w > 0 {
+            let [kh, kw] = self.geometry.kernel;
+            let work_size = y.len() * kh * kw;
             if let Some(in_place) = &self.in_place {
                 ensure!([h, w] == in_place.input());
-                let [kh, kw] = self.geometry.kernel;
-                warm::for_parts(y, oh * ow, y.len() * kh * kw, &|planes, y| {
+                warm::for_parts(y, oh * ow, work_size, &|planes, y| {
                     for (ix, y) in planes.zip(y.chunks_exact_mut(oh * ow)) {
                         let c = ix % channels;
                         let weights = &self.weights[c * kh * kw..][..kh * kw];
@@ -114,8 +115,6 @@ impl EvalOp for RowDepthwiseConv {
             }
             let [_, cols] = self.geometry.phase_dims();
             let [sy, sx] = self.geometry.stride;
-            let [kh, kw] = self.geometry.kernel;
-            let work_size = y.len() * kh * kw;
             let taps = self.tap_offsets();
             // Planes shared out over the inference's crew, each part with its own buffers.
             warm::for_parts(y, oh * ow, work_size, &|planes, y| {
