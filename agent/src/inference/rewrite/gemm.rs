@@ -8,6 +8,10 @@
 //! `NR`-column strips that stay in L2, one strip stays in L1 while every `MR`-row panel of `A`
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
+//! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) is
+//! not packed: the tiles read its rows where they lie, and the last panel of each strip
+//! fetches the next strip's lines into L1 for the next tile. The tiles fetch their lines of
+//! `C` for writing while they compute (PREFETCHW), as a layer's output is rarely in cache.
 //!
 //! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) with
 //! AVX-512, and products with few rows (DenseNet's 32-channel 3x3 layers) with AVX2, instead
@@ -679,25 +683,41 @@ unsafe fn block(
     // (the allocator only promises 16 bytes).
     let skip = pack.as_ptr().align_offset(64).min(MAX_LANES);
     let pack = &mut pack[skip..];
+    // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector): the
+    // AVX-512 tile reads `B` where it lies, as no strip needs packing.
+    let direct = kernel == Kernel::Avx512 && b.wrap.is_none();
     for j0 in cols.clone().step_by(nc) {
         let ncols = nc.min(cols.end - j0);
         for k0 in (0..a.k.max(1)).step_by(kc) {
             let ks = k0..(k0 + kc).min(a.k);
-            pack_b(kernel, b, ks.clone(), j0..j0 + ncols, pack);
+            if !direct {
+                pack_b(kernel, b, ks.clone(), j0..j0 + ncols, pack);
+            }
             let first = k0 == 0;
             let last = ks.end >= a.k;
             for i0 in rows.clone().step_by(mc) {
                 let i1 = (i0 + mc).min(rows.end);
                 for (s, j) in (0..ncols).step_by(nr).enumerate() {
                     let tile_cols = nr.min(ncols - j);
-                    let strip =
-                        &pack[s * ks.len() * nr..][..ks.len() * tile_cols.div_ceil(lanes) * lanes];
-                    for p in i0 / mr..i1.div_ceil(mr) {
+                    let (strip, rows_b) = if direct {
+                        (
+                            &pack[..0],
+                            Some((b.base[j0 + j..].as_ptr(), &b.offsets[ks.clone()])),
+                        )
+                    } else {
+                        let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
+                        (&pack[s * ks.len() * nr..][..len], None)
+                    };
+                    let panels = i0 / mr..i1.div_ceil(mr);
+                    let last_panel = panels.end - 1;
+                    for p in panels {
                         let r0 = p * mr;
                         let tile = Tile {
                             kernel,
                             a: a.panel(p, ks.clone()),
                             b: strip,
+                            rows_b,
+                            fetch_next: direct && p == last_panel && j + nr < ncols,
                             kc: ks.len(),
                             rows: mr.min(rows.end - r0),
                             cols: tile_cols,
@@ -799,6 +819,12 @@ struct Tile<'a> {
     kernel: Kernel,
     a: &'a [f32],
     b: &'a [f32],
+    /// Instead of a packed strip (AVX-512): `B`'s rows where they lie, row `kk` of the
+    /// tile's columns at `base + offsets[kk]` (`offsets` as long as `kc`).
+    rows_b: Option<(*const f32, &'a [usize])>,
+    /// With `rows_b`: also fetch the next strip's lines of those rows into L1, for the next
+    /// tile (the strip's last panel).
+    fetch_next: bool,
     kc: usize,
     rows: usize,
     cols: usize,
@@ -821,16 +847,27 @@ impl Tile<'_> {
         let vectors = self.cols.div_ceil(lanes);
         assert!(self.rows >= 1 && self.rows <= mr && self.cols >= 1 && self.cols <= nr);
         assert_eq!(self.a.len(), self.kc * mr);
-        assert_eq!(self.b.len(), self.kc * vectors * lanes);
+        let direct = self.rows_b.is_some();
+        match self.rows_b {
+            Some((_, offsets)) => {
+                assert!(self.kernel == Kernel::Avx512 && offsets.len() == self.kc)
+            }
+            None => assert_eq!(self.b.len(), self.kc * vectors * lanes),
+        }
         assert!(self.bias.is_none_or(|b| b.len() == mr));
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `multiply` checked that the CPU runs the kernel; the assertions above bound
-        // the kernel's reads of `a`, `b` and `bias`, and the caller its accesses to `c`.
+        // the kernel's reads of `a`, `b` and `bias`, `multiply`'s its reads of `rows_b` (every
+        // row holds `B`'s `n` columns, and the tile's lie among them), and the caller its
+        // accesses to `c`.
         unsafe {
             match (self.kernel, vectors) {
-                (Kernel::Avx512, 1) => avx512::tile::<1>(self, c, ldc),
-                (Kernel::Avx512, 2) => avx512::tile::<2>(self, c, ldc),
-                (Kernel::Avx512, _) => avx512::tile::<3>(self, c, ldc),
+                (Kernel::Avx512, 1) if direct => avx512::tile::<1, true>(self, c, ldc),
+                (Kernel::Avx512, 2) if direct => avx512::tile::<2, true>(self, c, ldc),
+                (Kernel::Avx512, _) if direct => avx512::tile::<3, true>(self, c, ldc),
+                (Kernel::Avx512, 1) => avx512::tile::<1, false>(self, c, ldc),
+                (Kernel::Avx512, 2) => avx512::tile::<2, false>(self, c, ldc),
+                (Kernel::Avx512, _) => avx512::tile::<3, false>(self, c, ldc),
                 (Kernel::Avx2, 1) => avx2::tile::<1>(self, c, ldc),
                 (Kernel::Avx2, _) => avx2::tile::<2>(self, c, ldc),
             }
@@ -930,7 +967,11 @@ mod avx512 {
     /// would do too, but this reads as the tile it computes).
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<const V: usize>(t: &Tile, c: *mut f32, ldc: usize) {
+    pub(super) unsafe fn tile<const V: usize, const DIRECT: bool>(
+        t: &Tile,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let mut masks = [0u16; V];
         for (v, mask) in masks.iter_mut().enumerate() {
             let left = t.cols.saturating_sub(v * LANES).min(LANES);
@@ -976,14 +1017,29 @@ mod avx512 {
         }
         let mut a = t.a.as_ptr();
         let mut b = t.b.as_ptr();
-        for _ in 0..t.kc {
+        let (base, offsets) = t.rows_b.map_or((b, [].as_slice()), |(base, o)| (base, o));
+        let offsets = offsets.as_ptr();
+        for kk in 0..t.kc {
             // `A`'s panels follow one another in memory (`PackedA`): fetch the line
             // `PREFETCH_A` bytes ahead, into this panel's rest or the next one, so that the
             // weights' trip from memory overlaps the arithmetic. A prefetch never faults.
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
             let mut bv = [_mm512_setzero_ps(); V];
-            for v in 0..V {
-                bv[v] = _mm512_loadu_ps(b.add(v * LANES));
+            if DIRECT {
+                // Masked: a row's last tile may end where the buffer does.
+                let row = base.add(*offsets.add(kk));
+                for v in 0..V {
+                    bv[v] = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
+                }
+                if t.fetch_next {
+                    for v in 0..=V {
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add((V + v) * LANES).cast());
+                    }
+                }
+            } else {
+                for v in 0..V {
+                    bv[v] = _mm512_loadu_ps(b.add(v * LANES));
+                }
             }
             for r in 0..MR {
                 let ar = _mm512_set1_ps(*a.add(r));
@@ -992,7 +1048,7 @@ mod avx512 {
                 }
             }
             a = a.add(MR);
-            b = b.add(V * LANES);
+            b = b.wrapping_add(V * LANES);
         }
         if let Some(add) = t.add {
             for r in 0..MR {
