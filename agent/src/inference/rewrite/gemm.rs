@@ -684,7 +684,10 @@ unsafe fn block(
     let skip = pack.as_ptr().align_offset(64).min(MAX_LANES);
     let pack = &mut pack[skip..];
     // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector): the
-    // AVX-512 tile reads `B` where it lies, as no strip needs packing.
+    // AVX-512 tile reads `B` where it lies, as no strip needs packing. On SqueezeNet's,
+    // DenseNet-121's and ResNet-50's 1x1 shapes it ran as fast as packed or up to 17% faster
+    // (1 thread; 18% at 2 threads where a split by rows had each thread pack all of `B`),
+    // 1000 rows included (bench/RESULTS.md).
     let direct = kernel == Kernel::Avx512 && b.wrap.is_none();
     for j0 in cols.clone().step_by(nc) {
         let ncols = nc.min(cols.end - j0);
@@ -983,12 +986,14 @@ mod avx512 {
                 // The tile's lines of `C`, fetched for writing: their trip from L3 or memory
                 // overlaps the arithmetic instead of stalling the stores at the end (a
                 // layer's output is rarely in cache: SqueezeNet's first convolution writes
-                // 3 MiB). Every CPU with AVX-512 runs PREFETCHW (stable Rust has no
-                // intrinsic for it); a prefetch never faults.
+                // 3 MiB). A row's vectors start anywhere in a line, so its last element's
+                // line is fetched too. Every CPU with AVX-512 runs PREFETCHW (stable Rust
+                // has no intrinsic for it); a prefetch never faults. (Fetching the next
+                // panel's lines as well ran SqueezeNet 3% slower.)
                 for r in 0..MR {
                     if r < t.rows {
-                        for v in 0..V {
-                            let at = c.wrapping_add(r * ldc + v * LANES);
+                        for v in 0..=V {
+                            let at = c.wrapping_add(r * ldc + (v * LANES).min(V * LANES - 1));
                             std::arch::asm!(
                                 "prefetchw [{at}]",
                                 at = in(reg) at,
