@@ -827,6 +827,7 @@ struct Tile<'a> {
     rows_b: Option<(*const f32, &'a [usize])>,
     /// With `rows_b`: also fetch the next strip's lines of those rows into L1, for the next
     /// tile (the strip's last panel).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fetch_next: bool,
     kc: usize,
     rows: usize,
@@ -850,7 +851,6 @@ impl Tile<'_> {
         let vectors = self.cols.div_ceil(lanes);
         assert!(self.rows >= 1 && self.rows <= mr && self.cols >= 1 && self.cols <= nr);
         assert_eq!(self.a.len(), self.kc * mr);
-        let direct = self.rows_b.is_some();
         match self.rows_b {
             Some((_, offsets)) => {
                 assert!(self.kernel == Kernel::Avx512 && offsets.len() == self.kc)
@@ -864,6 +864,7 @@ impl Tile<'_> {
         // row holds `B`'s `n` columns, and the tile's lie among them), and the caller its
         // accesses to `c`.
         unsafe {
+            let direct = self.rows_b.is_some();
             match (self.kernel, vectors) {
                 (Kernel::Avx512, 1) if direct => avx512::tile::<1, true>(self, c, ldc),
                 (Kernel::Avx512, 2) if direct => avx512::tile::<2, true>(self, c, ldc),

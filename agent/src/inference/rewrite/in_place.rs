@@ -207,7 +207,8 @@ impl InPlace {
     }
 }
 
-/// One plane's fold: its input, and what the fold takes besides.
+/// One plane's fold: its input, and what the fold takes besides (read by the x86 kernels).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Plane<'a> {
     x: &'a [f32],
     /// A convolution's weights, one per tap (empty for a pool).
