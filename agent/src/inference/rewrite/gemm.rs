@@ -675,20 +675,24 @@ unsafe fn block(
     if rows.is_empty() || cols.is_empty() {
         return;
     }
-    let need = kc.min(a.k.max(1)) * nc + MAX_LANES;
-    if pack.len() < need {
-        pack.resize(need, 0.0);
-    }
-    // Strips start on a cache line, so that no load of `B` in the micro-kernel straddles two
-    // (the allocator only promises 16 bytes).
-    let skip = pack.as_ptr().align_offset(64).min(MAX_LANES);
-    let pack = &mut pack[skip..];
     // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector): the
     // AVX-512 tile reads `B` where it lies, as no strip needs packing. On SqueezeNet's,
     // DenseNet-121's and ResNet-50's 1x1 shapes it ran as fast as packed or up to 17% faster
     // (1 thread; 18% at 2 threads where a split by rows had each thread pack all of `B`),
     // 1000 rows included (bench/RESULTS.md).
     let direct = kernel == Kernel::Avx512 && b.wrap.is_none();
+    let need = if direct {
+        0
+    } else {
+        kc.min(a.k.max(1)) * nc + MAX_LANES
+    };
+    if pack.len() < need {
+        pack.resize(need, 0.0);
+    }
+    // Strips start on a cache line, so that no load of `B` in the micro-kernel straddles two
+    // (the allocator only promises 16 bytes).
+    let skip = pack.as_ptr().align_offset(64).min(pack.len());
+    let pack = &mut pack[skip..];
     for j0 in cols.clone().step_by(nc) {
         let ncols = nc.min(cols.end - j0);
         for k0 in (0..a.k.max(1)).step_by(kc) {
@@ -702,15 +706,7 @@ unsafe fn block(
                 let i1 = (i0 + mc).min(rows.end);
                 for (s, j) in (0..ncols).step_by(nr).enumerate() {
                     let tile_cols = nr.min(ncols - j);
-                    let (strip, rows_b) = if direct {
-                        (
-                            &pack[..0],
-                            Some((b.base[j0 + j..].as_ptr(), &b.offsets[ks.clone()])),
-                        )
-                    } else {
-                        let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
-                        (&pack[s * ks.len() * nr..][..len], None)
-                    };
+                    let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
                     let panels = i0 / mr..i1.div_ceil(mr);
                     let last_panel = panels.end - 1;
                     for p in panels {
@@ -718,9 +714,15 @@ unsafe fn block(
                         let tile = Tile {
                             kernel,
                             a: a.panel(p, ks.clone()),
-                            b: strip,
-                            rows_b,
-                            fetch_next: direct && p == last_panel && j + nr < ncols,
+                            b: if direct {
+                                StripB::InPlace {
+                                    base: b.base[j0 + j..].as_ptr(),
+                                    offsets: &b.offsets[ks.clone()],
+                                    fetch_next: p == last_panel && j + nr < ncols,
+                                }
+                            } else {
+                                StripB::Packed(&pack[s * ks.len() * nr..][..len])
+                            },
                             kc: ks.len(),
                             rows: mr.min(rows.end - r0),
                             cols: tile_cols,
@@ -816,19 +818,26 @@ fn copy_run(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and a strip of `B` whose
-/// rows are `cols` rounded up to whole registers wide.
+/// Where a micro-tile's `kc` rows of `B` come from.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum StripB<'a> {
+    /// A packed strip: `kc` rows of the tile's columns rounded up to whole registers.
+    Packed(&'a [f32]),
+    /// (AVX-512) `B`'s rows where they lie: row `kk` of the tile's columns at `base +
+    /// offsets[kk]` (`offsets` as long as `kc`). With `fetch_next` (a strip's last panel),
+    /// the tile also fetches the next strip's lines of those rows into L1.
+    InPlace {
+        base: *const f32,
+        offsets: &'a [usize],
+        fetch_next: bool,
+    },
+}
+
+/// One micro-tile's operands: `kc` steps of an `MR`-row panel of `A` and of `B`'s rows.
 struct Tile<'a> {
     kernel: Kernel,
     a: &'a [f32],
-    b: &'a [f32],
-    /// Instead of a packed strip (AVX-512): `B`'s rows where they lie, row `kk` of the
-    /// tile's columns at `base + offsets[kk]` (`offsets` as long as `kc`).
-    rows_b: Option<(*const f32, &'a [usize])>,
-    /// With `rows_b`: also fetch the next strip's lines of those rows into L1, for the next
-    /// tile (the strip's last panel).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fetch_next: bool,
+    b: StripB<'a>,
     kc: usize,
     rows: usize,
     cols: usize,
@@ -851,20 +860,20 @@ impl Tile<'_> {
         let vectors = self.cols.div_ceil(lanes);
         assert!(self.rows >= 1 && self.rows <= mr && self.cols >= 1 && self.cols <= nr);
         assert_eq!(self.a.len(), self.kc * mr);
-        match self.rows_b {
-            Some((_, offsets)) => {
+        match self.b {
+            StripB::InPlace { offsets, .. } => {
                 assert!(self.kernel == Kernel::Avx512 && offsets.len() == self.kc)
             }
-            None => assert_eq!(self.b.len(), self.kc * vectors * lanes),
+            StripB::Packed(b) => assert_eq!(b.len(), self.kc * vectors * lanes),
         }
         assert!(self.bias.is_none_or(|b| b.len() == mr));
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `multiply` checked that the CPU runs the kernel; the assertions above bound
-        // the kernel's reads of `a`, `b` and `bias`, `multiply`'s its reads of `rows_b` (every
-        // row holds `B`'s `n` columns, and the tile's lie among them), and the caller its
-        // accesses to `c`.
+        // the kernel's reads of `a`, a packed `b` and `bias`, `multiply`'s its reads of `B` in
+        // place (every row holds `B`'s `n` columns, and the tile's lie among them), and the
+        // caller its accesses to `c`.
         unsafe {
-            let direct = self.rows_b.is_some();
+            let direct = matches!(self.b, StripB::InPlace { .. });
             match (self.kernel, vectors) {
                 (Kernel::Avx512, 1) if direct => avx512::tile::<1, true>(self, c, ldc),
                 (Kernel::Avx512, 2) if direct => avx512::tile::<2, true>(self, c, ldc),
@@ -885,7 +894,7 @@ impl Tile<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ColumnTile, Tile};
+    use super::{ColumnTile, StripB, Tile};
 
     const MR: usize = super::Kernel::Avx512.mr();
     const LANES: usize = super::Kernel::Avx512.lanes();
@@ -1022,8 +1031,15 @@ mod avx512 {
             }
         }
         let mut a = t.a.as_ptr();
-        let mut b = t.b.as_ptr();
-        let (base, offsets) = t.rows_b.map_or((b, [].as_slice()), |(base, o)| (base, o));
+        let (mut b, base, offsets, fetch_next) = match t.b {
+            StripB::Packed(b) => (b.as_ptr(), b.as_ptr(), [].as_slice(), false),
+            StripB::InPlace {
+                base,
+                offsets,
+                fetch_next,
+            } => (base, base, offsets, fetch_next),
+        };
+        debug_assert_eq!(DIRECT, matches!(t.b, StripB::InPlace { .. }));
         let offsets = offsets.as_ptr();
         for kk in 0..t.kc {
             // `A`'s panels follow one another in memory (`PackedA`): fetch the line
@@ -1037,7 +1053,7 @@ mod avx512 {
                 for v in 0..V {
                     bv[v] = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
                 }
-                if t.fetch_next {
+                if fetch_next {
                     for v in 0..=V {
                         _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add((V + v) * LANES).cast());
                     }
@@ -1089,7 +1105,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{ColumnTile, Tile};
+    use super::{ColumnTile, StripB, Tile};
 
     const MR: usize = super::Kernel::Avx2.mr();
     const LANES: usize = super::Kernel::Avx2.lanes();
@@ -1198,7 +1214,10 @@ mod avx2 {
             }
         }
         let mut a = t.a.as_ptr();
-        let mut b = t.b.as_ptr();
+        let StripB::Packed(b) = t.b else {
+            unreachable!("`Tile::run` gives the AVX2 kernel packed strips only")
+        };
+        let mut b = b.as_ptr();
         for _ in 0..t.kc {
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
             let mut bv = [_mm256_setzero_ps(); V];
