@@ -9,7 +9,7 @@
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
 //! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) is
-//! not packed: the tiles read its rows where they lie, and the last panel of each strip
+//! not packed for blocks of at most 64 rows: the tiles read its rows where they lie, and the last panel of each strip
 //! fetches the next strip's lines into L1 for the next tile. The tiles fetch their lines of
 //! `C` for writing while they compute (PREFETCHW), as a layer's output is rarely in cache.
 //!
@@ -648,6 +648,10 @@ struct Out {
 // SAFETY: threads write disjoint blocks of `C` through it (`multiply`); `add` is only read.
 unsafe impl Sync for Out {}
 
+/// The most rows of a block whose tiles read contiguous columns of `B` in place (AVX-512);
+/// more, and they pack them (`block`).
+const DIRECT_MAX_ROWS: usize = 64;
+
 /// The rows `rows` (starting on an `MR` panel) and columns `cols` of `C`: the work of one
 /// thread.
 ///
@@ -675,12 +679,17 @@ unsafe fn block(
     if rows.is_empty() || cols.is_empty() {
         return;
     }
-    // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector): the
-    // AVX-512 tile reads `B` where it lies, as no strip needs packing. On SqueezeNet's,
-    // DenseNet-121's and ResNet-50's 1x1 shapes it ran as fast as packed or up to 17% faster
-    // (1 thread; 18% at 2 threads where a split by rows had each thread pack all of `B`),
-    // 1000 rows included (bench/RESULTS.md).
-    let direct = kernel == Kernel::Avx512 && b.wrap.is_none();
+    // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector) and
+    // few rows: the AVX-512 tile reads `B` where it lies, as no strip needs packing. A
+    // packed strip serves every panel of the block, so the fewer the rows the less its
+    // packing pays off; but a tile reading in place touches a page per row of `B` per step
+    // of `k`. On an AMD EPYC the in-place read was as fast as packed or up to 17% faster on
+    // SqueezeNet's, DenseNet-121's and ResNet-50's 1x1 shapes (18% at 2 threads where a
+    // split by rows had each thread pack all of `B`); on an Intel Xeon it was 10-20% faster
+    // up to 48 rows, even at 64, and 10-23% slower from 128 rows up (SqueezeNet's classifier:
+    // 1000 rows, 139 vs 165 GFLOP/s; bench/RESULTS.md). 64 keeps the AMD gains at 64 rows
+    // (ResNet-50's and SqueezeNet's squeeze layers, DenseNet's split in two at 2 threads).
+    let direct = kernel == Kernel::Avx512 && b.wrap.is_none() && rows.len() <= DIRECT_MAX_ROWS;
     let need = if direct {
         0
     } else {
