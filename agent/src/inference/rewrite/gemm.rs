@@ -1000,27 +1000,29 @@ mod avx512 {
             *mask = ((1u32 << left) - 1) as u16;
         }
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
-        match t.bias {
-            Some(bias) => {
-                // The tile's lines of `C`, fetched for writing: their trip from L3 or memory
-                // overlaps the arithmetic instead of stalling the stores at the end (a
-                // layer's output is rarely in cache: SqueezeNet's first convolution writes
-                // 3 MiB). A row's vectors start anywhere in a line, so its last element's
-                // line is fetched too. Every CPU with AVX-512 runs PREFETCHW (stable Rust
-                // has no intrinsic for it); a prefetch never faults. (Fetching the next
-                // panel's lines as well ran SqueezeNet 3% slower.)
-                for r in 0..MR {
-                    if r < t.rows {
-                        for v in 0..=V {
-                            let at = c.wrapping_add(r * ldc + (v * LANES).min(V * LANES - 1));
-                            std::arch::asm!(
-                                "prefetchw [{at}]",
-                                at = in(reg) at,
-                                options(nostack, preserves_flags, readonly)
-                            );
-                        }
+        let mut lines = [c; MR * 4];
+        let mut fetches = 0;
+        if t.bias.is_some() {
+            // The tile's lines of `C`, fetched for writing: their trip from L3 or memory
+            // overlaps the arithmetic instead of stalling the stores at the end (a
+            // layer's output is rarely in cache: SqueezeNet's first convolution writes
+            // 3 MiB). A row's vectors start anywhere in a line, so its last element's
+            // line is fetched too. Two per step of `k`, in the loop below: issued all at
+            // once, the 32 requests stalled the tile on an Intel Xeon (a quarter of the
+            // time of SqueezeNet's first layer, whose `k` is 27). Every CPU with AVX-512
+            // runs PREFETCHW (stable Rust has no intrinsic for it); a prefetch never
+            // faults. (Fetching the next panel's lines as well ran SqueezeNet 3% slower.)
+            for r in 0..MR {
+                if r < t.rows {
+                    for v in 0..=V {
+                        lines[fetches] = c.wrapping_add(r * ldc + (v * LANES).min(V * LANES - 1));
+                        fetches += 1;
                     }
                 }
+            }
+        }
+        match t.bias {
+            Some(bias) => {
                 for r in 0..MR {
                     let b = _mm512_set1_ps(bias[r]);
                     for v in 0..V {
@@ -1051,6 +1053,15 @@ mod avx512 {
         debug_assert_eq!(DIRECT, matches!(t.b, StripB::InPlace { .. }));
         let offsets = offsets.as_ptr();
         for kk in 0..t.kc {
+            if 2 * kk < fetches {
+                for at in [lines[2 * kk], lines[(2 * kk + 1).min(fetches - 1)]] {
+                    std::arch::asm!(
+                        "prefetchw [{at}]",
+                        at = in(reg) at,
+                        options(nostack, preserves_flags, readonly)
+                    );
+                }
+            }
             // `A`'s panels follow one another in memory (`PackedA`): fetch the line
             // `PREFETCH_A` bytes ahead, into this panel's rest or the next one, so that the
             // weights' trip from memory overlaps the arithmetic. A prefetch never faults.
