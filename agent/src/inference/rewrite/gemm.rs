@@ -9,9 +9,10 @@
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
 //! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) is
-//! not packed for blocks of at most 64 rows: the tiles read its rows where they lie, and the last panel of each strip
-//! fetches the next strip's lines into L1 for the next tile. The tiles fetch their lines of
-//! `C` for writing while they compute (PREFETCHW), as a layer's output is rarely in cache.
+//! not packed for blocks of at most 64 rows: the tiles read its rows where they lie, and the
+//! last panel of each strip fetches the next strip's lines into L1 for the next tile. The
+//! tiles fetch their lines of `C` for writing while they compute (PREFETCHW, two per step of
+//! `k`), as a layer's output is rarely in cache.
 //!
 //! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) with
 //! AVX-512, and products with few rows (DenseNet's 32-channel 3x3 layers) with AVX2, instead
