@@ -1001,6 +1001,7 @@ mod avx512 {
             *mask = ((1u32 << left) - 1) as u16;
         }
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        // At most `V + 1` lines a row, `V` being at most 3 (`Tile::run`).
         let mut lines = [c; MR * 4];
         let mut fetches = 0;
         if t.bias.is_some() {
