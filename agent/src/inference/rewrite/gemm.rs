@@ -1004,27 +1004,26 @@ mod avx512 {
         // At most `V + 1` lines a row, `V` being at most 3 (`Tile::run`).
         let mut lines = [c; MR * 4];
         let mut fetches = 0;
-        if t.bias.is_some() {
-            // The tile's lines of `C`, fetched for writing: their trip from L3 or memory
-            // overlaps the arithmetic instead of stalling the stores at the end (a
-            // layer's output is rarely in cache: SqueezeNet's first convolution writes
-            // 3 MiB). A row's vectors start anywhere in a line, so its last element's
-            // line is fetched too. Two per step of `k`, in the loop below: issued all at
-            // once, the 32 requests stalled the tile on an Intel Xeon (a quarter of the
-            // time of SqueezeNet's first layer, whose `k` is 27). Every CPU with AVX-512
-            // runs PREFETCHW (stable Rust has no intrinsic for it); a prefetch never
-            // faults. (Fetching the next panel's lines as well ran SqueezeNet 3% slower.)
-            for r in 0..MR {
-                if r < t.rows {
-                    for v in 0..=V {
-                        lines[fetches] = c.wrapping_add(r * ldc + (v * LANES).min(V * LANES - 1));
-                        fetches += 1;
-                    }
-                }
-            }
-        }
         match t.bias {
             Some(bias) => {
+                // The tile's lines of `C`, fetched for writing: their trip from L3 or memory
+                // overlaps the arithmetic instead of stalling the stores at the end (a
+                // layer's output is rarely in cache: SqueezeNet's first convolution writes
+                // 3 MiB). A row's vectors start anywhere in a line, so its last element's
+                // line is fetched too. Two per step of `k`, in the loop below: issued all at
+                // once, the 32 requests stalled the tile on an Intel Xeon (a quarter of the
+                // time of SqueezeNet's first layer, whose `k` is 27). Every CPU with AVX-512
+                // runs PREFETCHW (stable Rust has no intrinsic for it); a prefetch never
+                // faults. (Fetching the next panel's lines as well ran SqueezeNet 3% slower.)
+                for r in 0..MR {
+                    if r < t.rows {
+                        for v in 0..=V {
+                            lines[fetches] =
+                                c.wrapping_add(r * ldc + (v * LANES).min(V * LANES - 1));
+                            fetches += 1;
+                        }
+                    }
+                }
                 for r in 0..MR {
                     let b = _mm512_set1_ps(bias[r]);
                     for v in 0..V {
