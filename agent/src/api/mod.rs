@@ -55,6 +55,16 @@ const INLINE_DECODE_BYTES: usize = 64 * 1024;
 const ACCEPT_BACKLOG: u32 = 4096;
 /// How long in-flight requests may take to finish when the agent stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shed connections whose close may linger at once (`linger`); beyond it a shed connection is
+/// closed as soon as it is answered. Each is a descriptor for at most `LINGER_TOTAL`.
+const LINGER_MAX: usize = 16_384;
+/// A lingering close ends once the client has sent nothing for this long (nginx's
+/// `lingering_timeout`), ...
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+/// ... after this long in all (nginx's `lingering_time`), ...
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// ... or once this many of the client's bytes were discarded.
+const LINGER_BYTES: usize = 1 << 20;
 
 /// An API failure: the HTTP status and the OIP error body `{"error": message}`.
 #[derive(Debug)]
@@ -697,6 +707,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let lingering = Arc::new(Semaphore::new(LINGER_MAX));
     let tracker = TaskTracker::new();
     let mut accept_errors = 0u64;
     loop {
@@ -730,10 +741,15 @@ pub async fn serve(
             }
             Err(_) => {
                 metrics.shed_connection();
-                let _ = match &stream {
-                    Stream::Tcp(s) => s.try_write(BUSY),
-                    Stream::Unix(s) => s.try_write(BUSY),
-                };
+                // A fresh socket's send buffer holds the answer: no task needed to write it.
+                let _ = stream.try_write(BUSY);
+                if let Ok(permit) = lingering.clone().try_acquire_owned() {
+                    let cancel = cancel.clone();
+                    tracker.spawn(async move {
+                        linger(stream, cancel).await;
+                        drop(permit);
+                    });
+                }
             }
         }
     }
@@ -753,6 +769,70 @@ pub async fn serve(
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    fn try_write(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(bytes),
+            Stream::Unix(s) => s.try_write(bytes),
+        }
+    }
+
+    fn try_read(&self, bytes: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_read(bytes),
+            Stream::Unix(s) => s.try_read(bytes),
+        }
+    }
+
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// Sends the end of the stream (FIN), still reading what the client sends.
+    async fn shutdown_write(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Stream::Tcp(s) => s.shutdown().await,
+            Stream::Unix(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// The close of a shed connection, after its 503: half-close, then read and discard what the
+/// client sends until it closes its side (bounded by `LINGER_IDLE`, `LINGER_TOTAL` and
+/// `LINGER_BYTES`), then close. Closing at once would lose the 503 for many clients: their
+/// request arrives after (or just before) the close, the kernel answers it with a reset, and a
+/// client that gets the reset before it has read to the end sees "connection reset" instead of
+/// the answer and its Retry-After. This is the lingering close of Apache and nginx.
+async fn linger(mut stream: Stream, cancel: CancellationToken) {
+    if stream.shutdown_write().await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        let idle_end = deadline.min(tokio::time::Instant::now() + LINGER_IDLE);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            readable = tokio::time::timeout_at(idle_end, stream.readable()) => match readable {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            },
+        }
+        // Not held across an await: the lingering task stays a few hundred bytes.
+        let mut sink = [0u8; 4096];
+        match stream.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<Stream> {
@@ -887,6 +967,47 @@ mod tests {
             metrics.contains("plaster_api_shed_total{reason=\"body_budget\"} 1"),
             "{metrics}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_shed_client_whose_request_follows_the_answer_reads_it_without_a_reset() {
+        use std::io::{Read, Write};
+        let listen = ApiListen::Tcp("127.0.0.1:0".parse().unwrap());
+        let listener = Listener::bind(&listen).await.unwrap();
+        let Listener::Tcp(tcp) = &listener else {
+            unreachable!()
+        };
+        let addr = tcp.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let cancel = CancellationToken::new();
+        // No connection slots: every connection is shed.
+        let server = tokio::spawn(serve(
+            listener,
+            Router::new(),
+            0,
+            metrics.clone(),
+            cancel.clone(),
+        ));
+        let (answer, rest) = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let mut answer = vec![0; BUSY.len()];
+            s.read_exact(&mut answer).unwrap();
+            // The agent has answered and ended its side before the request was sent: the
+            // request reaches a socket the agent still reads (closed, its kernel would reset).
+            assert_eq!(s.read(&mut [0; 1]).unwrap(), 0);
+            s.write_all(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            let read = s.read_to_end(&mut rest).map(|_| rest);
+            (answer, read)
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, BUSY);
+        assert_eq!(rest.map_err(|e| e.kind()), Ok(Vec::new()));
+        cancel.cancel();
+        server.await.unwrap();
     }
 
     #[test]
