@@ -32,6 +32,9 @@ pub struct InPlace {
     /// side): bit `j` set when the run's element `j` of its tap's read (of 16 at stride 1, of
     /// 32 at stride 2, even ones only) is a cell of the input that an output uses.
     masks: Vec<u32>,
+    /// A 3x3 stride-2 window on AVX-512, which pools run separably
+    /// ([`avx512::separable`]): its output's height and width and its padding before.
+    separable: Option<[[usize; 2]; 2]>,
 }
 
 /// Up to 16 consecutive outputs of a plane.
@@ -114,6 +117,8 @@ impl InPlace {
                 })
             })
             .collect();
+        let separable =
+            (stride == 2 && [kh, kw] == [3, 3]).then_some([geometry.output, geometry.pad_before]);
         Some(InPlace {
             kernel,
             input: [h, w],
@@ -121,6 +126,7 @@ impl InPlace {
             offsets,
             runs,
             masks,
+            separable,
         })
     }
 
@@ -197,6 +203,9 @@ impl InPlace {
         // whose lengths are asserted above; `convolve` asserted one weight per tap.
         unsafe {
             match (self.kernel, self.stride) {
+                (Kernel::Avx512, 2) if FOLD != WEIGHTED && self.separable.is_some() => {
+                    avx512::separable::<FOLD>(self, plane, y)
+                }
                 (Kernel::Avx512, 1) => avx512::plane::<false, FOLD>(self, plane, y),
                 (Kernel::Avx512, _) => avx512::plane::<true, FOLD>(self, plane, y),
                 (Kernel::Avx2, _) => avx2::plane::<FOLD>(self, plane, y),
@@ -230,7 +239,7 @@ const SUM: u8 = 2;
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{InPlace, Plane, MAX, SUM, WEIGHTED};
+    use super::{InPlace, Plane, LANES, MAX, SUM, WEIGHTED};
 
     /// Runs whose results go through the taps together: independent chains, so that one's
     /// latency hides behind the others'.
@@ -255,6 +264,86 @@ mod avx512 {
         }
         for first in first..runs {
             unsafe { group::<1, STRIDE2, FOLD>(op, plane, y, first) };
+        }
+    }
+
+    /// A pool's 3x3 stride-2 window, separably: per run of up to 16 outputs of a row, the
+    /// fold of its window's (up to three) input rows over the 33 columns the run reads, as
+    /// three vectors of 16 columns from the run's first, then of their even columns, their odd
+    /// ones and their even ones one further on (the third vector's first lane ending the
+    /// last). Per 16 outputs: 9 loads, 3 shuffles and 8 folds, where the taps take 18 loads,
+    /// 9 shuffles and 9 folds. Columns outside the input read as the fold's identity, and rows
+    /// outside it are not read: the same cells as the taps' masks.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; as `InPlace::plane` asserts, with `separable` set by `of`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn separable<const FOLD: u8>(op: &InPlace, plane: &Plane, y: &mut [f32]) {
+        let Some([[oh, ow], [py, px]]) = op.separable else {
+            return;
+        };
+        let [h, w] = op.input.map(|d| d as isize);
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let fill = _mm512_set1_ps(if FOLD == MAX { f32::NEG_INFINITY } else { 0.0 });
+        // Lanes `j` of 16 from column `start` with `start + j` inside a row.
+        let inside = |start: isize| -> u16 {
+            let (from, to) = ((-start).clamp(0, 16), (w - start).clamp(0, 16));
+            if from >= to {
+                0
+            } else {
+                ((1u32 << to) - (1u32 << from)) as u16
+            }
+        };
+        let base = plane.x.as_ptr();
+        for oy in 0..oh {
+            let top = (2 * oy) as isize - py as isize;
+            let rows = top.max(0)..(top + 3).min(h);
+            for first in (0..ow).step_by(LANES) {
+                let len = (ow - first).min(LANES);
+                let c = (2 * first) as isize - px as isize;
+                let masks = [inside(c), inside(c + 16), inside(c + 32) & 1];
+                let mut v = [fill; 3];
+                for iy in rows.clone() {
+                    let row = base.wrapping_offset(iy * w + c);
+                    for (i, v) in v.iter_mut().enumerate() {
+                        // SAFETY: lanes off the mask are neither read nor able to fault; those
+                        // on it are columns of row `iy`, inside `x` (`InPlace::plane`'s
+                        // assert).
+                        let cells = unsafe {
+                            _mm512_mask_loadu_ps(fill, masks[i], row.wrapping_add(16 * i))
+                        };
+                        *v = fold::<FOLD>(*v, cells);
+                    }
+                }
+                let even = _mm512_permutex2var_ps(v[0], evens, v[1]);
+                let odd = _mm512_permutex2var_ps(v[0], odds, v[1]);
+                let next = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                    _mm512_castps_si512(v[2]),
+                    _mm512_castps_si512(even),
+                ));
+                let mut out = fold::<FOLD>(fold::<FOLD>(even, odd), next);
+                let at = oy * ow + first;
+                let mask = ((1u32 << len) - 1) as u16;
+                if FOLD == SUM && !plane.scale.is_empty() {
+                    // SAFETY: `scale` is as long as `y` (`InPlace::sum`), and `at + len` is
+                    // inside it.
+                    let s = unsafe { _mm512_maskz_loadu_ps(mask, plane.scale.as_ptr().add(at)) };
+                    out = _mm512_mul_ps(out, s);
+                }
+                // SAFETY: `y` holds `oh * ow` outputs (`InPlace::plane`'s assert).
+                unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr().add(at), mask, out) };
+            }
+        }
+    }
+
+    /// A pool's fold of two vectors: their max, or their sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold<const FOLD: u8>(a: __m512, b: __m512) -> __m512 {
+        match FOLD {
+            MAX => _mm512_max_ps(a, b),
+            _ => _mm512_add_ps(a, b),
         }
     }
 
@@ -474,6 +563,10 @@ mod tests {
             (2, [3, 3], [8, 71], [0, 0, 1, 1]),
             (2, [3, 3], [1, 1], [1, 1, 1, 1]),
             (2, [2, 2], [6, 6], [0, 0, 0, 0]),
+            (2, [3, 3], [111, 111], [0, 0, 0, 0]),
+            (2, [3, 3], [27, 27], [0, 0, 1, 1]),
+            (2, [3, 3], [2, 40], [2, 2, 2, 2]),
+            (2, [3, 3], [5, 33], [0, 1, 1, 0]),
         ];
         for &(stride, [kh, kw], [h, w], [top, left, bottom, right]) in cases {
             let oh = (h + top + bottom - kh) / stride + 1;
