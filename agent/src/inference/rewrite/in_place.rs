@@ -2,7 +2,8 @@
 //! for the windows where every tap of a run is one vector load (or two): a stride-1 window
 //! whose output rows are as wide as the input's ("same" padding across), where output `p`
 //! (row-major) reads tap `t` at input `p + offset[t]`; and, with AVX-512, a stride-2 window,
-//! each tap of a run of 16 outputs in a row being the even lanes of two loads. Lanes whose
+//! each tap of a run of 16 outputs in a row being the even lanes of two loads (a pool's 3x3
+//! stride-2 window runs separably: rows first, then columns, `avx512::separable`). Lanes whose
 //! cell lies in the padding are masked off (read as the fold's identity: 0, or `-inf` for a
 //! max), and the results are stored straight into the output plane: no phase split of the
 //! input, no padded copy, no trim. Depthwise convolutions (weighted sums) and max and average
