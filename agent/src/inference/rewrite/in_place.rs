@@ -33,9 +33,35 @@ pub struct InPlace {
     /// side): bit `j` set when the run's element `j` of its tap's read (of 16 at stride 1, of
     /// 32 at stride 2, even ones only) is a cell of the input that an output uses.
     masks: Vec<u32>,
-    /// A 3x3 stride-2 window on AVX-512, which pools run separably
-    /// ([`avx512::separable`]): its output's height and width and its padding before.
-    separable: Option<[[usize; 2]; 2]>,
+    /// A 3x3 stride-2 window on AVX-512, which pools run separably ([`avx512::separable`]).
+    separable: Option<Separable>,
+}
+
+/// A 3x3 stride-2 window's separable reading: the geometry of one output row, the same for
+/// every row, built once like the taps' masks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Separable {
+    /// The output's height and width.
+    output: [usize; 2],
+    /// The padding rows above the input.
+    pad_top: usize,
+    /// A row's runs of up to 16 outputs.
+    columns: Vec<Columns>,
+}
+
+/// One run of a separable row: 16 outputs at most, reading 33 input columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Columns {
+    /// Its first output column.
+    output: usize,
+    /// How many outputs, 1 to 16.
+    len: usize,
+    /// Its first input column (negative in the padding before the first).
+    input: isize,
+    /// Per load of 16 columns from `input + 16 * i`, bit `j` set when column `input + 16 * i
+    /// + j` lies inside the row; the third load keeps only its first column, the last the
+    /// run's 16th output reads.
+    masks: [u16; 3],
 }
 
 /// Up to 16 consecutive outputs of a plane.
@@ -118,8 +144,34 @@ impl InPlace {
                 })
             })
             .collect();
-        let separable =
-            (stride == 2 && [kh, kw] == [3, 3]).then_some([geometry.output, geometry.pad_before]);
+        let separable = (stride == 2 && [kh, kw] == [3, 3]).then(|| {
+            // Lanes `j` of 16 from column `start` with `start + j` inside a row.
+            let inside = |start: isize| -> u16 {
+                let (from, to) = ((-start).clamp(0, 16), (wi - start).clamp(0, 16));
+                if from >= to {
+                    0
+                } else {
+                    ((1u32 << to) - (1u32 << from)) as u16
+                }
+            };
+            let columns = (0..ow)
+                .step_by(LANES)
+                .map(|output| {
+                    let input = 2 * output as isize - px;
+                    Columns {
+                        output,
+                        len: (ow - output).min(LANES),
+                        input,
+                        masks: [inside(input), inside(input + 16), inside(input + 32) & 1],
+                    }
+                })
+                .collect();
+            Separable {
+                output: geometry.output,
+                pad_top: geometry.pad_before[0],
+                columns,
+            }
+        });
         Some(InPlace {
             kernel,
             input: [h, w],
@@ -203,13 +255,13 @@ impl InPlace {
         // inside `x` (`of`), and the runs' outputs lie inside `y` (and `scale`, when given),
         // whose lengths are asserted above; `convolve` asserted one weight per tap.
         unsafe {
-            match (self.kernel, self.stride) {
-                (Kernel::Avx512, 2) if FOLD != WEIGHTED && self.separable.is_some() => {
-                    avx512::separable::<FOLD>(self, plane, y)
+            match (self.kernel, self.stride, &self.separable) {
+                (Kernel::Avx512, 2, Some(window)) if FOLD != WEIGHTED => {
+                    avx512::separable::<FOLD>(self, window, plane, y)
                 }
-                (Kernel::Avx512, 1) => avx512::plane::<false, FOLD>(self, plane, y),
-                (Kernel::Avx512, _) => avx512::plane::<true, FOLD>(self, plane, y),
-                (Kernel::Avx2, _) => avx2::plane::<FOLD>(self, plane, y),
+                (Kernel::Avx512, 1, _) => avx512::plane::<false, FOLD>(self, plane, y),
+                (Kernel::Avx512, _, _) => avx512::plane::<true, FOLD>(self, plane, y),
+                (Kernel::Avx2, _, _) => avx2::plane::<FOLD>(self, plane, y),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -240,7 +292,7 @@ const SUM: u8 = 2;
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{InPlace, Plane, LANES, MAX, SUM, WEIGHTED};
+    use super::{Columns, InPlace, Plane, Separable, MAX, SUM, WEIGHTED};
 
     /// Runs whose results go through the taps together: independent chains, so that one's
     /// latency hides behind the others'.
@@ -277,33 +329,31 @@ mod avx512 {
     /// outside it are not read: the same cells as the taps' masks.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; as `InPlace::plane` asserts, with `separable` set by `of`.
+    /// The CPU has AVX-512F; as `InPlace::plane` asserts, with `window` built by `of` for
+    /// `op`'s input.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn separable<const FOLD: u8>(op: &InPlace, plane: &Plane, y: &mut [f32]) {
-        let Some([[oh, ow], [py, px]]) = op.separable else {
-            return;
-        };
+    pub(super) unsafe fn separable<const FOLD: u8>(
+        op: &InPlace,
+        window: &Separable,
+        plane: &Plane,
+        y: &mut [f32],
+    ) {
+        let [oh, ow] = window.output;
         let [h, w] = op.input.map(|d| d as isize);
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let fill = _mm512_set1_ps(if FOLD == MAX { f32::NEG_INFINITY } else { 0.0 });
-        // Lanes `j` of 16 from column `start` with `start + j` inside a row.
-        let inside = |start: isize| -> u16 {
-            let (from, to) = ((-start).clamp(0, 16), (w - start).clamp(0, 16));
-            if from >= to {
-                0
-            } else {
-                ((1u32 << to) - (1u32 << from)) as u16
-            }
-        };
         let base = plane.x.as_ptr();
         for oy in 0..oh {
-            let top = (2 * oy) as isize - py as isize;
+            let top = (2 * oy) as isize - window.pad_top as isize;
             let rows = top.max(0)..(top + 3).min(h);
-            for first in (0..ow).step_by(LANES) {
-                let len = (ow - first).min(LANES);
-                let c = (2 * first) as isize - px as isize;
-                let masks = [inside(c), inside(c + 16), inside(c + 32) & 1];
+            for &Columns {
+                output: first,
+                len,
+                input: c,
+                masks,
+            } in &window.columns
+            {
                 let mut v = [fill; 3];
                 for iy in rows.clone() {
                     let row = base.wrapping_offset(iy * w + c);
