@@ -1,9 +1,10 @@
 //! GFLOP/s of our convolution matrix multiply (`rewrite::gemm`) on its own, on the shapes of
-//! SqueezeNet's first layer and ResNet-50's layers (`M` output channels, `K` = input channels x
-//! kernel taps, `N` output positions), on one thread and on all cores, best of 20 runs each,
-//! alternated so that machine noise hits both alike; for 3x3 and 7x7 layers also on one
-//! thread with whole phase rows (no `wrap`), counting only the output's columns. Every
-//! micro-kernel this CPU runs (AVX-512, AVX2). Prints a Markdown table.
+//! SqueezeNet's first layer, ResNet-50's layers and DenseNet-121's 3x3 layers (`M` output
+//! channels, `K` = input channels x kernel taps, `N` output positions), on one thread and on
+//! all cores, best of 20 runs each, alternated so that machine noise hits both alike; for 3x3
+//! and 7x7 layers also on one thread with whole phase rows (no `wrap`), counting only the
+//! output's columns. Every micro-kernel this CPU runs (AVX-512, AVX2). Prints a Markdown
+//! table.
 //!
 //! Usage: gemm_shapes
 
@@ -14,7 +15,7 @@ use std::time::Instant;
 /// Name, `M`, `K`, `N`, and how GemmConv reads `B`'s columns (`RowsB::wrap`: output rows of
 /// `ow` read from phase rows `ow + 2` or `+ 3` wide).
 type Shape = (&'static str, usize, usize, usize, Option<[usize; 2]>);
-const SHAPES: [Shape; 10] = [
+const SHAPES: [Shape; 12] = [
     (
         "SqueezeNet conv1 3x3/2, 111x111",
         64,
@@ -29,6 +30,20 @@ const SHAPES: [Shape; 10] = [
     ("3x3 128, 28x28", 128, 1152, 28 * 28, Some([28, 30])),
     ("3x3 256, 14x14", 256, 2304, 14 * 14, Some([14, 16])),
     ("3x3 512, 7x7", 512, 4608, 7 * 7, Some([7, 9])),
+    (
+        "DenseNet 3x3 128 -> 32, 56x56",
+        32,
+        1152,
+        56 * 56,
+        Some([56, 58]),
+    ),
+    (
+        "DenseNet 3x3 128 -> 32, 28x28",
+        32,
+        1152,
+        28 * 28,
+        Some([28, 30]),
+    ),
     ("1x1 1024 -> 2048, 7x7", 2048, 1024, 49, None),
     ("1x1 2048 -> 512, 7x7", 512, 2048, 49, None),
 ];

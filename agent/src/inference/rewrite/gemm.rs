@@ -8,7 +8,8 @@
 //! `NR`-column strips that stay in L2, one strip stays in L1 while every `MR`-row panel of `A`
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
-//! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) is
+//! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) or
+//! wrapped in runs at least a vector wide (a 3x3 layer's output rows in its phase rows) is
 //! not packed for blocks of at most 64 rows: the tiles read its rows where they lie, and the
 //! last panel of each strip fetches the next strip's lines into L1 for the next tile. The
 //! tiles fetch their lines of `C` for writing while they compute (PREFETCHW, two per step of
@@ -649,9 +650,42 @@ struct Out {
 // SAFETY: threads write disjoint blocks of `C` through it (`multiply`); `add` is only read.
 unsafe impl Sync for Out {}
 
-/// The most rows of a block whose tiles read contiguous columns of `B` in place (AVX-512);
-/// more, and they pack them (`block`).
+/// The most rows of a block whose tiles read `B`'s columns in place (AVX-512); more, and
+/// they pack them (`block`).
 const DIRECT_MAX_ROWS: usize = 64;
+
+/// Where an in-place tile's vectors of wrapped columns lie (`RowsB::wrap` with runs at least
+/// a vector wide, so that a vector spans at most two): vector `v`'s lanes start at `at[v]`
+/// from the tile's first column, and those on `next[v]` (the first columns of the next run)
+/// lie `gap` further on.
+#[derive(Clone, Copy, Debug)]
+struct Straddles {
+    at: [usize; 3],
+    next: [u16; 3],
+    gap: usize,
+}
+
+impl Straddles {
+    /// Columns `j..j + cols` (at most `NR`) of `b`, whose runs are `width >= 16` wide.
+    fn of(b: &RowsB, [width, pitch]: [usize; 2], j: usize, cols: usize) -> Straddles {
+        let lanes = Kernel::Avx512.lanes();
+        debug_assert!(width >= lanes && cols <= Kernel::Avx512.nr());
+        let mut straddles = Straddles {
+            at: [0; 3],
+            next: [0; 3],
+            gap: pitch - width,
+        };
+        for v in 0..cols.div_ceil(lanes) {
+            let first = j + v * lanes;
+            straddles.at[v] = b.column(first) - b.column(j);
+            let left = width - first % width;
+            if left < lanes {
+                straddles.next[v] = !((1u16 << left) - 1);
+            }
+        }
+        straddles
+    }
+}
 
 /// The rows `rows` (starting on an `MR` panel) and columns `cols` of `C`: the work of one
 /// thread.
@@ -690,7 +724,12 @@ unsafe fn block(
     // up to 48 rows, even at 64, and 10-23% slower from 128 rows up (SqueezeNet's classifier:
     // 1000 rows, 139 vs 165 GFLOP/s; bench/RESULTS.md). 64 keeps the AMD gains at 64 rows
     // (ResNet-50's and SqueezeNet's squeeze layers, DenseNet's split in two at 2 threads).
-    let direct = kernel == Kernel::Avx512 && b.wrap.is_none() && rows.len() <= DIRECT_MAX_ROWS;
+    // Wrapped columns (a 3x3 or strided layer's output rows in its phase rows) too, when a
+    // run is at least a vector wide: a vector's lanes then come from at most two runs, two
+    // masked loads (`Straddles`).
+    let direct = kernel == Kernel::Avx512
+        && rows.len() <= DIRECT_MAX_ROWS
+        && b.wrap.is_none_or(|[width, _]| width >= lanes);
     let need = if direct {
         0
     } else {
@@ -717,6 +756,11 @@ unsafe fn block(
                 for (s, j) in (0..ncols).step_by(nr).enumerate() {
                     let tile_cols = nr.min(ncols - j);
                     let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
+                    let first_column = b.column(j0 + j);
+                    let straddles = b
+                        .wrap
+                        .filter(|_| direct)
+                        .map(|wrap| Straddles::of(b, wrap, j0 + j, tile_cols));
                     let panels = i0 / mr..i1.div_ceil(mr);
                     let last_panel = panels.end - 1;
                     for p in panels {
@@ -726,9 +770,11 @@ unsafe fn block(
                             a: a.panel(p, ks.clone()),
                             b: if direct {
                                 StripB::InPlace {
-                                    base: b.base[j0 + j..].as_ptr(),
+                                    base: b.base[first_column..].as_ptr(),
                                     offsets: &b.offsets[ks.clone()],
-                                    fetch_next: p == last_panel && j + nr < ncols,
+                                    fetch_next: (p == last_panel && j + nr < ncols)
+                                        .then(|| b.column(j0 + j + nr) - first_column),
+                                    straddles,
                                 }
                             } else {
                                 StripB::Packed(&pack[s * ks.len() * nr..][..len])
@@ -833,13 +879,15 @@ fn copy_run(dst: &mut [f32], src: &[f32]) {
 enum StripB<'a> {
     /// A packed strip: `kc` rows of the tile's columns rounded up to whole registers.
     Packed(&'a [f32]),
-    /// (AVX-512) `B`'s rows where they lie: row `kk` of the tile's columns at `base +
-    /// offsets[kk]` (`offsets` as long as `kc`). With `fetch_next` (a strip's last panel),
-    /// the tile also fetches the next strip's lines of those rows into L1.
+    /// (AVX-512) `B`'s rows where they lie: row `kk` of the tile's columns from `base +
+    /// offsets[kk]` (`offsets` as long as `kc`), contiguous, or wrapped as `straddles` says.
+    /// With `fetch_next` (a strip's last panel), the tile also fetches the next strip's lines
+    /// of those rows, that far on, into L1.
     InPlace {
         base: *const f32,
         offsets: &'a [usize],
-        fetch_next: bool,
+        fetch_next: Option<usize>,
+        straddles: Option<Straddles>,
     },
 }
 
@@ -883,16 +931,26 @@ impl Tile<'_> {
         // place (every row holds `B`'s `n` columns, and the tile's lie among them), and the
         // caller its accesses to `c`.
         unsafe {
-            let direct = matches!(self.b, StripB::InPlace { .. });
-            match (self.kernel, vectors) {
-                (Kernel::Avx512, 1) if direct => avx512::tile::<1, true>(self, c, ldc),
-                (Kernel::Avx512, 2) if direct => avx512::tile::<2, true>(self, c, ldc),
-                (Kernel::Avx512, _) if direct => avx512::tile::<3, true>(self, c, ldc),
-                (Kernel::Avx512, 1) => avx512::tile::<1, false>(self, c, ldc),
-                (Kernel::Avx512, 2) => avx512::tile::<2, false>(self, c, ldc),
-                (Kernel::Avx512, _) => avx512::tile::<3, false>(self, c, ldc),
-                (Kernel::Avx2, 1) => avx2::tile::<1>(self, c, ldc),
-                (Kernel::Avx2, _) => avx2::tile::<2>(self, c, ldc),
+            use avx512::{tile, DIRECT, PACKED, WRAPPED};
+            let read = match self.b {
+                StripB::Packed(_) => PACKED,
+                StripB::InPlace {
+                    straddles: None, ..
+                } => DIRECT,
+                StripB::InPlace { .. } => WRAPPED,
+            };
+            match (self.kernel, vectors, read) {
+                (Kernel::Avx512, 1, DIRECT) => tile::<1, DIRECT>(self, c, ldc),
+                (Kernel::Avx512, 2, DIRECT) => tile::<2, DIRECT>(self, c, ldc),
+                (Kernel::Avx512, _, DIRECT) => tile::<3, DIRECT>(self, c, ldc),
+                (Kernel::Avx512, 1, WRAPPED) => tile::<1, WRAPPED>(self, c, ldc),
+                (Kernel::Avx512, 2, WRAPPED) => tile::<2, WRAPPED>(self, c, ldc),
+                (Kernel::Avx512, _, WRAPPED) => tile::<3, WRAPPED>(self, c, ldc),
+                (Kernel::Avx512, 1, _) => tile::<1, PACKED>(self, c, ldc),
+                (Kernel::Avx512, 2, _) => tile::<2, PACKED>(self, c, ldc),
+                (Kernel::Avx512, _, _) => tile::<3, PACKED>(self, c, ldc),
+                (Kernel::Avx2, 1, _) => avx2::tile::<1>(self, c, ldc),
+                (Kernel::Avx2, _, _) => avx2::tile::<2>(self, c, ldc),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -985,16 +1043,18 @@ mod avx512 {
     /// About 400 cycles of a full tile's arithmetic ahead (32 steps of `k`): a memory latency.
     const PREFETCH_A: usize = 1024;
 
+    /// How a tile reads `B`: a packed strip, its rows in place, or its rows in place with
+    /// wrapped columns (`Straddles`).
+    pub(super) const PACKED: u8 = 0;
+    pub(super) const DIRECT: u8 = 1;
+    pub(super) const WRAPPED: u8 = 2;
+
     /// The `MR x (V * 16)` micro-kernel. Loops have constant trip counts and index the arrays
     /// with them, so that they unroll and the sums stay in registers (iterators over `acc`
     /// would do too, but this reads as the tile it computes).
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<const V: usize, const DIRECT: bool>(
-        t: &Tile,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    pub(super) unsafe fn tile<const V: usize, const READ: u8>(t: &Tile, c: *mut f32, ldc: usize) {
         let mut masks = [0u16; V];
         for (v, mask) in masks.iter_mut().enumerate() {
             let left = t.cols.saturating_sub(v * LANES).min(LANES);
@@ -1043,15 +1103,30 @@ mod avx512 {
             }
         }
         let mut a = t.a.as_ptr();
-        let (mut b, base, offsets, fetch_next) = match t.b {
-            StripB::Packed(b) => (b.as_ptr(), b.as_ptr(), [].as_slice(), false),
+        let (mut b, base, offsets, fetch_next, straddles) = match t.b {
+            StripB::Packed(b) => (b.as_ptr(), b.as_ptr(), [].as_slice(), None, None),
             StripB::InPlace {
                 base,
                 offsets,
                 fetch_next,
-            } => (base, base, offsets, fetch_next),
+                straddles,
+            } => (base, base, offsets, fetch_next, straddles),
         };
-        debug_assert_eq!(DIRECT, matches!(t.b, StripB::InPlace { .. }));
+        debug_assert_eq!(READ == PACKED, matches!(t.b, StripB::Packed(_)));
+        debug_assert_eq!(READ == WRAPPED, straddles.is_some());
+        // Per vector, the lanes from its first run and from the next, and where each starts.
+        let mut split = [(0u16, 0usize, 0u16, 0usize); V];
+        for v in 0..V {
+            split[v] = match straddles {
+                Some(s) => (
+                    masks[v] & !s.next[v],
+                    s.at[v],
+                    masks[v] & s.next[v],
+                    s.at[v] + s.gap,
+                ),
+                None => (masks[v], v * LANES, 0, 0),
+            };
+        }
         let offsets = offsets.as_ptr();
         for kk in 0..t.kc {
             if 2 * kk < fetches {
@@ -1068,15 +1143,20 @@ mod avx512 {
             // weights' trip from memory overlaps the arithmetic. A prefetch never faults.
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
             let mut bv = [_mm512_setzero_ps(); V];
-            if DIRECT {
-                // Masked: a row's last tile may end where the buffer does.
+            if READ != PACKED {
+                // Masked: a row's last tile may end where the buffer does, and a wrapped
+                // vector's lanes past its run come from the next run (a second load).
                 let row = base.add(*offsets.add(kk));
                 for v in 0..V {
-                    bv[v] = _mm512_maskz_loadu_ps(masks[v], row.add(v * LANES));
+                    let (low, at, high, next_at) = split[v];
+                    bv[v] = _mm512_maskz_loadu_ps(low, row.add(at));
+                    if READ == WRAPPED {
+                        bv[v] = _mm512_mask_loadu_ps(bv[v], high, row.add(next_at));
+                    }
                 }
-                if fetch_next {
+                if let Some(next) = fetch_next {
                     for v in 0..=V {
-                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add((V + v) * LANES).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(next + v * LANES).cast());
                     }
                 }
             } else {
@@ -1380,6 +1460,11 @@ mod tests {
                 (None, true, None, true),
                 (Some([7, 9]), true, Some(&crew), true),
                 (None, false, Some(&crew), true),
+                // Runs at least a vector wide (AVX-512 reads them in place, a vector from two
+                // runs at most): 20 of 23, 56 of 58 (a 3x3 layer at 56x56).
+                (Some([20, 23]), false, None, false),
+                (Some([20, 23]), true, Some(&crew), true),
+                (Some([56, 58]), true, None, true),
             ] {
                 let (width, pitch) = wrap.map_or((n, n), |[w, p]| (w, p));
                 let span = n.div_ceil(width) * pitch;

@@ -58,9 +58,9 @@ struct Columns {
     len: usize,
     /// Its first input column (negative in the padding before the first).
     input: isize,
-    /// Per load of 16 columns from `input + 16 * i`, bit `j` set when column `input + 16 * i
-    /// + j` lies inside the row; the third load keeps only its first column, the last the
-    /// run's 16th output reads.
+    /// Per load `i` of 16 columns from `input + 16 * i`, bit `j` set when its column `j` lies
+    /// inside the row; the third load keeps only its first column, the last the run's 16th
+    /// output reads.
     masks: [u16; 3],
 }
 
