@@ -110,7 +110,7 @@ PY
 done
 
 echo
-echo "Our convolution matrix multiply alone (agent/examples/gemm_shapes.rs) on ResNet-50's layer"
-echo "shapes, best of 20:"
+echo "Our convolution matrix multiply alone (agent/examples/gemm_shapes.rs) on SqueezeNet's,"
+echo "ResNet-50's and DenseNet-121's layer shapes, B laid out as in the model, best of 20:"
 echo
 $GEMM_SHAPES

@@ -3,50 +3,87 @@
 //! channels, `K` = input channels x kernel taps, `N` output positions), on one thread and on
 //! all cores, best of 20 runs each, alternated so that machine noise hits both alike; for 3x3
 //! and 7x7 layers also on one thread with whole phase rows (no `wrap`), counting only the
-//! output's columns. Every micro-kernel this CPU runs (AVX-512, AVX2). Prints a Markdown
-//! table.
+//! output's columns. Every micro-kernel this CPU runs (AVX-512, AVX2), in panels and, where
+//! a model's layer gets another layout (`Layout::for_product`), in that one too. `B` lies as
+//! GemmConv reads it in a model (`rows_of`): a channel's taps overlap in its phase planes.
+//! Prints a Markdown table.
 //!
 //! Usage: gemm_shapes
 
-use plaster_agent::inference::rewrite::gemm::{self, Epilogue, Kernel, PackedA, RowsB};
+use plaster_agent::inference::rewrite::gemm::{self, Epilogue, Kernel, Layout, PackedA, RowsB};
 use plaster_agent::inference::warm::Crew;
 use std::time::Instant;
 
-/// Name, `M`, `K`, `N`, and how GemmConv reads `B`'s columns (`RowsB::wrap`: output rows of
-/// `ow` read from phase rows `ow + 2` or `+ 3` wide).
-type Shape = (&'static str, usize, usize, usize, Option<[usize; 2]>);
+/// Name, `M`, `K`, `N`, and for a 3x3 or 7x7 layer its kernel size, stride and output width:
+/// GemmConv reads `B` as its taps in the input's stride phases (`Window2d::tap_offset`),
+/// output rows of that width from phase rows `(kernel - 1) / stride` wider (`RowsB::wrap`).
+type Shape = (&'static str, usize, usize, usize, Option<[usize; 3]>);
 const SHAPES: [Shape; 12] = [
     (
         "SqueezeNet conv1 3x3/2, 111x111",
         64,
         27,
         111 * 111,
-        Some([111, 112]),
+        Some([3, 2, 111]),
     ),
-    ("conv1 7x7/2, 112x112", 64, 147, 112 * 112, Some([112, 115])),
-    ("3x3 64, 56x56", 64, 576, 56 * 56, Some([56, 58])),
+    (
+        "conv1 7x7/2, 112x112",
+        64,
+        147,
+        112 * 112,
+        Some([7, 2, 112]),
+    ),
+    ("3x3 64, 56x56", 64, 576, 56 * 56, Some([3, 1, 56])),
     ("1x1 64 -> 256, 56x56", 256, 64, 3136, None),
     ("1x1 256 -> 64, 56x56", 64, 256, 3136, None),
-    ("3x3 128, 28x28", 128, 1152, 28 * 28, Some([28, 30])),
-    ("3x3 256, 14x14", 256, 2304, 14 * 14, Some([14, 16])),
-    ("3x3 512, 7x7", 512, 4608, 7 * 7, Some([7, 9])),
+    ("3x3 128, 28x28", 128, 1152, 28 * 28, Some([3, 1, 28])),
+    ("3x3 256, 14x14", 256, 2304, 14 * 14, Some([3, 1, 14])),
+    ("3x3 512, 7x7", 512, 4608, 7 * 7, Some([3, 1, 7])),
     (
         "DenseNet 3x3 128 -> 32, 56x56",
         32,
         1152,
         56 * 56,
-        Some([56, 58]),
+        Some([3, 1, 56]),
     ),
     (
         "DenseNet 3x3 128 -> 32, 28x28",
         32,
         1152,
         28 * 28,
-        Some([28, 30]),
+        Some([3, 1, 28]),
     ),
     ("1x1 1024 -> 2048, 7x7", 2048, 1024, 49, None),
     ("1x1 2048 -> 512, 7x7", 512, 2048, 49, None),
 ];
+
+/// `B`'s row offsets for `k` rows of an `n`-column product, its wrap, and the length of the
+/// buffer they read: a 1x1 layer's input channel planes, or a `kernel x kernel` layer's taps
+/// in the phase planes of its input (`stride x stride` per channel, as GemmConv splits them),
+/// so that the taps of a channel overlap in memory as they do in a model.
+fn rows_of(
+    k: usize,
+    n: usize,
+    conv: Option<[usize; 3]>,
+) -> (Vec<usize>, Option<[usize; 2]>, usize) {
+    let Some([kernel, stride, width]) = conv else {
+        return ((0..k).map(|c| c * n).collect(), None, k * n);
+    };
+    let pitch = width + (kernel - 1) / stride;
+    let phase_len = (n / width + (kernel - 1) / stride) * pitch;
+    let taps = kernel * kernel;
+    let offsets = (0..k)
+        .map(|row| {
+            let (c, tap) = (row / taps, row % taps);
+            let (ky, kx) = (tap / kernel, tap % kernel);
+            let phase = (c * stride + ky % stride) * stride + kx % stride;
+            phase * phase_len + (ky / stride) * pitch + kx / stride
+        })
+        .collect();
+    // A wide row (below) reads `(n / width) * pitch` columns from the last tap's offset.
+    let len = k / taps * stride * stride * phase_len + pitch;
+    (offsets, Some([width, pitch]), len)
+}
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
     (0..len as u32)
@@ -63,16 +100,22 @@ fn main() -> anyhow::Result<()> {
     let crew = Crew::new(cores - 1);
     let _hot = crew.hold();
     println!(
-        "| kernel | layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup | 1 thread, wide rows |"
+        "| kernel | layout | layer | M | K | N | 1 thread GFLOP/s | {cores} threads GFLOP/s | speedup | 1 thread, wide rows |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (kernel, (name, m, k, n, wrap)) in
-        Kernel::here().flat_map(|kernel| SHAPES.map(|s| (kernel, s)))
-    {
-        let a = PackedA::for_kernel(kernel, &values(m * k, 1), m, k, &values(m, 3));
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    // Every kernel in panels, and also in the layout a model gets where that differs.
+    let runs = Kernel::here().flat_map(|kernel| {
+        SHAPES.into_iter().flat_map(move |s @ (_, m, k, n, _)| {
+            let chosen = Layout::for_product(kernel, m, k, n);
+            std::iter::once((kernel, Layout::Panels, s))
+                .chain((chosen != Layout::Panels).then_some((kernel, chosen, s)))
+        })
+    });
+    for (kernel, layout, (name, m, k, n, conv)) in runs {
+        let a = PackedA::with_layout(kernel, layout, &values(m * k, 1), m, k, &values(m, 3));
+        let (offsets, wrap, len) = rows_of(k, n, conv);
         let span = wrap.map_or(n, |[width, pitch]| n / width * pitch);
-        let b = values(k * span, 2);
-        let offsets: Vec<usize> = (0..k).map(|kk| kk * span).collect();
+        let b = values(len, 2);
         let rows = RowsB {
             base: &b,
             offsets: &offsets,
@@ -108,7 +151,7 @@ fn main() -> anyhow::Result<()> {
             None => "-".to_string(),
         };
         println!(
-            "| {kernel:?} | {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} | {wide} |",
+            "| {kernel:?} | {layout:?} | {name} | {m} | {k} | {n} | {:.1} | {:.1} | {:.2} | {wide} |",
             gflop / best[0],
             gflop / best[1],
             best[0] / best[1]

@@ -8,12 +8,12 @@
 //! `NR`-column strips that stay in L2, one strip stays in L1 while every `MR`-row panel of `A`
 //! in an `MC`-row block passes over it, and each micro-tile keeps its `MR x NR` sums in
 //! registers across the whole `KC` run (24 zmm registers with AVX-512, 12 ymm with AVX2).
-//! With AVX-512 a `B` whose columns are contiguous (a 1x1 convolution's input channels) or
-//! wrapped in runs at least a vector wide (a 3x3 layer's output rows in its phase rows) is
-//! not packed for blocks of at most 64 rows: the tiles read its rows where they lie, and the
-//! last panel of each strip fetches the next strip's lines into L1 for the next tile. The
-//! tiles fetch their lines of `C` for writing while they compute (PREFETCHW, two per step of
-//! `k`), as a layer's output is rarely in cache.
+//! A `B` whose columns are contiguous (a 1x1 convolution's input channels) or wrapped in runs
+//! at least a vector wide (a 3x3 layer's output rows in its phase rows) is not packed for
+//! blocks of at most 64 rows: the tiles read its rows where they lie, and the last panel of
+//! each strip fetches the next strip's lines into L1 for the next tile. The AVX-512 tiles
+//! fetch their lines of `C` for writing while they compute (PREFETCHW, two per step of `k`),
+//! as a layer's output is rarely in cache.
 //!
 //! Products with few columns (a 7x7 layer's 49, which 48-column tiles round up to 64) with
 //! AVX-512, and products with few rows (DenseNet's 32-channel 3x3 layers) with AVX2, instead
@@ -650,8 +650,8 @@ struct Out {
 // SAFETY: threads write disjoint blocks of `C` through it (`multiply`); `add` is only read.
 unsafe impl Sync for Out {}
 
-/// The most rows of a block whose tiles read `B`'s columns in place (AVX-512); more, and
-/// they pack them (`block`).
+/// The most rows of a block whose tiles read `B`'s columns in place; more, and they pack
+/// them (`block`).
 const DIRECT_MAX_ROWS: usize = 64;
 
 /// Where an in-place tile's vectors of wrapped columns lie (`RowsB::wrap` with runs at least
@@ -666,10 +666,11 @@ struct Straddles {
 }
 
 impl Straddles {
-    /// Columns `j..j + cols` (at most `NR`) of `b`, whose runs are `width >= 16` wide.
-    fn of(b: &RowsB, [width, pitch]: [usize; 2], j: usize, cols: usize) -> Straddles {
-        let lanes = Kernel::Avx512.lanes();
-        debug_assert!(width >= lanes && cols <= Kernel::Avx512.nr());
+    /// Columns `j..j + cols` (at most `kernel`'s `NR`) of `b`, whose runs are at least a
+    /// vector wide.
+    fn of(kernel: Kernel, b: &RowsB, wrap: [usize; 2], j: usize, cols: usize) -> Straddles {
+        let ([width, pitch], lanes) = (wrap, kernel.lanes());
+        debug_assert!(width >= lanes && cols <= kernel.nr());
         let mut straddles = Straddles {
             at: [0; 3],
             next: [0; 3],
@@ -715,7 +716,7 @@ unsafe fn block(
         return;
     }
     // Contiguous columns (a 1x1 convolution's input channels, a classifier's vector) and
-    // few rows: the AVX-512 tile reads `B` where it lies, as no strip needs packing. A
+    // few rows: the tile reads `B` where it lies, as no strip needs packing. A
     // packed strip serves every panel of the block, so the fewer the rows the less its
     // packing pays off; but a tile reading in place touches a page per row of `B` per step
     // of `k`. On an AMD EPYC the in-place read was as fast as packed or up to 17% faster on
@@ -726,10 +727,12 @@ unsafe fn block(
     // (ResNet-50's and SqueezeNet's squeeze layers, DenseNet's split in two at 2 threads).
     // Wrapped columns (a 3x3 or strided layer's output rows in its phase rows) too, when a
     // run is at least a vector wide: a vector's lanes then come from at most two runs, two
-    // masked loads (`Straddles`).
-    let direct = kernel == Kernel::Avx512
-        && rows.len() <= DIRECT_MAX_ROWS
-        && b.wrap.is_none_or(|[width, _]| width >= lanes);
+    // loads (`Straddles`). AVX2 (a 2-core AMD EPYC, Zen 3, gemm_shapes' layers with `B`
+    // laid out as in a model, both ways in one process): 25-38% faster on SqueezeNet's
+    // 16-row squeeze layer, 0-15% on ResNet-50's 7x7 first layer and SqueezeNet's 3x3
+    // 16 -> 64, within a few per cent on the rest (SqueezeNet's first layer, `k` = 27, 4%
+    // slower).
+    let direct = rows.len() <= DIRECT_MAX_ROWS && b.wrap.is_none_or(|[width, _]| width >= lanes);
     let need = if direct {
         0
     } else {
@@ -760,7 +763,7 @@ unsafe fn block(
                     let straddles = b
                         .wrap
                         .filter(|_| direct)
-                        .map(|wrap| Straddles::of(b, wrap, j0 + j, tile_cols));
+                        .map(|wrap| Straddles::of(kernel, b, wrap, j0 + j, tile_cols));
                     let panels = i0 / mr..i1.div_ceil(mr);
                     let last_panel = panels.end - 1;
                     for p in panels {
@@ -879,7 +882,7 @@ fn copy_run(dst: &mut [f32], src: &[f32]) {
 enum StripB<'a> {
     /// A packed strip: `kc` rows of the tile's columns rounded up to whole registers.
     Packed(&'a [f32]),
-    /// (AVX-512) `B`'s rows where they lie: row `kk` of the tile's columns from `base +
+    /// `B`'s rows where they lie: row `kk` of the tile's columns from `base +
     /// offsets[kk]` (`offsets` as long as `kc`), contiguous, or wrapped as `straddles` says.
     /// With `fetch_next` (a strip's last panel), the tile also fetches the next strip's lines
     /// of those rows, that far on, into L1.
@@ -919,9 +922,7 @@ impl Tile<'_> {
         assert!(self.rows >= 1 && self.rows <= mr && self.cols >= 1 && self.cols <= nr);
         assert_eq!(self.a.len(), self.kc * mr);
         match self.b {
-            StripB::InPlace { offsets, .. } => {
-                assert!(self.kernel == Kernel::Avx512 && offsets.len() == self.kc)
-            }
+            StripB::InPlace { offsets, .. } => assert_eq!(offsets.len(), self.kc),
             StripB::Packed(b) => assert_eq!(b.len(), self.kc * vectors * lanes),
         }
         assert!(self.bias.is_none_or(|b| b.len() == mr));
@@ -1263,6 +1264,15 @@ mod avx2 {
     /// As the AVX-512 kernel's: 32 steps of `k` ahead.
     const PREFETCH_A: usize = 32 * MR * 4;
 
+    /// How a tile reads `B`: a packed strip; its rows in place, each vector whole in one run
+    /// (`DIRECT`); in place, a vector that straddles two runs blended from two loads
+    /// (`WRAPPED`); in place under masks, for a tile narrower than its vectors, whose last
+    /// lanes may lie past `B`'s end (`MASKED`).
+    const PACKED: u8 = 0;
+    const DIRECT: u8 = 1;
+    const WRAPPED: u8 = 2;
+    const MASKED: u8 = 3;
+
     /// A tile of `rows x cols` (`V` = `cols / 8` rounded up). AVX2 has no cheap masked
     /// store, so a tile on the edge of `C` goes through a whole one on the stack.
     ///
@@ -1270,9 +1280,23 @@ mod avx2 {
     /// As `Tile::run`'s, and the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const V: usize>(t: &Tile, c: *mut f32, ldc: usize) {
+        let read = match t.b {
+            StripB::Packed(_) => PACKED,
+            StripB::InPlace { .. } if t.cols < V * LANES => MASKED,
+            StripB::InPlace {
+                straddles: Some(s), ..
+            } if s.next[..V].iter().any(|&next| next & 0xff != 0) => WRAPPED,
+            StripB::InPlace { .. } => DIRECT,
+        };
         if t.rows == MR && t.cols == V * LANES {
             // SAFETY: the whole tile is the caller's.
-            return unsafe { whole::<V>(t, c, ldc, t.add) };
+            return unsafe {
+                match read {
+                    PACKED => whole::<V, PACKED>(t, c, ldc, t.add),
+                    DIRECT => whole::<V, DIRECT>(t, c, ldc, t.add),
+                    _ => whole::<V, WRAPPED>(t, c, ldc, t.add),
+                }
+            };
         }
         let mut sums = [0f32; MR * NR];
         let mut add = [0f32; MR * NR];
@@ -1289,8 +1313,16 @@ mod avx2 {
             }
         }
         let from = t.add.map(|_| add.as_ptr());
+        let (sums_at, at) = (sums.as_mut_ptr(), NR);
         // SAFETY: `sums` and `add` hold `MR` rows of `NR`.
-        unsafe { whole::<V>(t, sums.as_mut_ptr(), NR, from) };
+        unsafe {
+            match read {
+                PACKED => whole::<V, PACKED>(t, sums_at, at, from),
+                DIRECT => whole::<V, DIRECT>(t, sums_at, at, from),
+                WRAPPED => whole::<V, WRAPPED>(t, sums_at, at, from),
+                _ => whole::<V, MASKED>(t, sums_at, at, from),
+            }
+        }
         for (r, sums) in sums.chunks_exact(NR).take(t.rows).enumerate() {
             // SAFETY: as above.
             unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), t.cols) }
@@ -1298,12 +1330,28 @@ mod avx2 {
         }
     }
 
+    /// Lanes whose bit is set in `bits`, as a mask for `_mm256_maskload_ps` and
+    /// `_mm256_blendv_ps` (all ones).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes_of(bits: u16) -> __m256i {
+        let lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let set = _mm256_and_si256(_mm256_set1_epi32(i32::from(bits)), lane);
+        _mm256_cmpeq_epi32(set, lane)
+    }
+
     /// The `6 x (V * 8)` micro-kernel on a whole tile of `c` (and of `add`, as `c`'s), with
-    /// constant trip counts so that the loops unroll and the sums stay in registers.
+    /// constant trip counts so that the loops unroll and the sums stay in registers; `READ`
+    /// says how it reads `B` (`t.b` and `t.cols` agree with it: `tile`).
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn whole<const V: usize>(t: &Tile, c: *mut f32, ldc: usize, add: Option<*const f32>) {
+    unsafe fn whole<const V: usize, const READ: u8>(
+        t: &Tile,
+        c: *mut f32,
+        ldc: usize,
+        add: Option<*const f32>,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); V]; MR];
         for r in 0..MR {
             for v in 0..V {
@@ -1315,16 +1363,75 @@ mod avx2 {
             }
         }
         let mut a = t.a.as_ptr();
-        let StripB::Packed(b) = t.b else {
-            unreachable!("`Tile::run` gives the AVX2 kernel packed strips only")
+        let (mut b, offsets, fetch_next, straddles) = match t.b {
+            StripB::Packed(b) => (b.as_ptr(), [].as_slice(), None, None),
+            StripB::InPlace {
+                base,
+                offsets,
+                fetch_next,
+                straddles,
+            } => (base, offsets, fetch_next, straddles),
         };
-        let mut b = b.as_ptr();
-        for _ in 0..t.kc {
+        debug_assert_eq!(READ == PACKED, matches!(t.b, StripB::Packed(_)));
+        debug_assert!(READ != WRAPPED || straddles.is_some());
+        // Per vector of an in-place tile: where its lanes start (from the tile's first column
+        // in each row), where those from the next run would (the same place when it does not
+        // straddle one: no load reaches past the vector's last column), and which lanes come
+        // from its first run and from the next.
+        let (mut at, mut next_at) = ([0usize; V], [0usize; V]);
+        let (mut low, mut high) = ([_mm256_setzero_si256(); V], [_mm256_setzero_si256(); V]);
+        if READ != PACKED {
+            for v in 0..V {
+                let lanes = t.cols.saturating_sub(v * LANES).min(LANES);
+                let whole = (1u16 << lanes) - 1;
+                let (start, next, gap) = match straddles {
+                    Some(s) => (s.at[v], s.next[v] & whole, s.gap),
+                    None => (v * LANES, 0, 0),
+                };
+                at[v] = start;
+                next_at[v] = if next != 0 { start + gap } else { start };
+                low[v] = lanes_of(whole & !next);
+                high[v] = lanes_of(next);
+            }
+        }
+        let offsets = offsets.as_ptr();
+        for kk in 0..t.kc {
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_byte_add(PREFETCH_A).cast());
             let mut bv = [_mm256_setzero_ps(); V];
-            for v in 0..V {
-                // SAFETY: `Tile::run` checked `b`'s length: `kc` rows of `V` registers.
-                bv[v] = unsafe { _mm256_loadu_ps(b.add(v * LANES)) };
+            if READ == PACKED {
+                for v in 0..V {
+                    // SAFETY: `Tile::run` checked `b`'s length: `kc` rows of `V` registers.
+                    bv[v] = unsafe { _mm256_loadu_ps(b.add(v * LANES)) };
+                }
+                b = b.wrapping_add(V * LANES);
+            } else {
+                // SAFETY (every load): `multiply` checked that every row holds `B`'s columns
+                // from its offset, and the tile's lie among them. A `DIRECT` or `WRAPPED`
+                // tile's vectors are whole: each load starts at one of the vector's columns
+                // and ends at or before its last. A `MASKED` one reads only its columns.
+                let row = unsafe { b.add(*offsets.add(kk)) };
+                for v in 0..V {
+                    bv[v] = match READ {
+                        DIRECT => unsafe { _mm256_loadu_ps(row.add(at[v])) },
+                        WRAPPED => unsafe {
+                            let first = _mm256_loadu_ps(row.add(at[v]));
+                            let next = _mm256_loadu_ps(row.add(next_at[v]));
+                            _mm256_blendv_ps(first, next, _mm256_castsi256_ps(high[v]))
+                        },
+                        _ => unsafe {
+                            let first = _mm256_maskload_ps(row.add(at[v]), low[v]);
+                            let next = _mm256_maskload_ps(row.add(next_at[v]), high[v]);
+                            _mm256_or_ps(first, next)
+                        },
+                    };
+                }
+                if let Some(next) = fetch_next {
+                    // The next strip's lines of this row, into L1 for the next tile. A
+                    // prefetch never faults.
+                    for at in [next, next + V * LANES - 1] {
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at).cast());
+                    }
+                }
             }
             for r in 0..MR {
                 // SAFETY: and `a`'s: `kc` rows of `MR`.
@@ -1334,10 +1441,7 @@ mod avx2 {
                 }
             }
             // SAFETY: one past the last row at most.
-            unsafe {
-                a = a.add(MR);
-                b = b.add(V * LANES);
-            }
+            a = unsafe { a.add(MR) };
         }
         if let Some(add) = add {
             for r in 0..MR {
@@ -1460,11 +1564,14 @@ mod tests {
                 (None, true, None, true),
                 (Some([7, 9]), true, Some(&crew), true),
                 (None, false, Some(&crew), true),
-                // Runs at least a vector wide (AVX-512 reads them in place, a vector from two
-                // runs at most): 20 of 23, 56 of 58 (a 3x3 layer at 56x56).
+                // Runs at least a vector wide (read in place, a vector from two runs at most):
+                // 20 of 23, 56 of 58 (a 3x3 layer at 56x56); with AVX2 also 8 of 9 (one
+                // vector wide) and 13 of 15 (a 13x13 output: nearly every tile straddles).
                 (Some([20, 23]), false, None, false),
                 (Some([20, 23]), true, Some(&crew), true),
                 (Some([56, 58]), true, None, true),
+                (Some([8, 9]), true, None, true),
+                (Some([13, 15]), false, Some(&crew), true),
             ] {
                 let (width, pitch) = wrap.map_or((n, n), |[w, p]| (w, p));
                 let span = n.div_ceil(width) * pitch;
