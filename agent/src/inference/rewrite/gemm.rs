@@ -729,9 +729,9 @@ unsafe fn block(
     // run is at least a vector wide: a vector's lanes then come from at most two runs, two
     // loads (`Straddles`). AVX2 (a 2-core AMD EPYC, Zen 3, gemm_shapes' layers with `B`
     // laid out as in a model, both ways in one process): 25-38% faster on SqueezeNet's
-    // 16-row squeeze layer, 0-15% on ResNet-50's 7x7 first layer and SqueezeNet's 3x3
-    // 16 -> 64, within a few per cent on the rest (SqueezeNet's first layer, `k` = 27, 4%
-    // slower).
+    // 16-row squeeze layer, -1 to +15% on ResNet-50's 7x7 first layer, -3 to +7% on
+    // SqueezeNet's 3x3 16 -> 64, 4% slower on SqueezeNet's first layer (`k` = 27); whole
+    // models within the machine's noise (bench/RESULTS.md, session 22).
     let direct = rows.len() <= DIRECT_MAX_ROWS && b.wrap.is_none_or(|[width, _]| width >= lanes);
     let need = if direct {
         0
