@@ -688,6 +688,40 @@ impl Straddles {
     }
 }
 
+/// Where one vector of an in-place tile's row of `B` comes from: lanes `low` from `at` on
+/// (from the tile's first column), lanes `high` from `next_at` on (the next run's, for a
+/// vector that straddles two; otherwise `high` is empty and `next_at` is `at`, so that no load
+/// reaches past the vector's last column).
+#[derive(Clone, Copy, Debug, Default)]
+struct VectorLanes {
+    low: u16,
+    at: usize,
+    high: u16,
+    next_at: usize,
+}
+
+impl VectorLanes {
+    /// Each of the `V` vectors of `lanes` in a tile `cols` wide, whose columns are contiguous
+    /// (`straddles` none) or wrapped as `straddles` says.
+    fn of<const V: usize>(straddles: Option<Straddles>, cols: usize, lanes: usize) -> [Self; V] {
+        let mut vectors = [VectorLanes::default(); V];
+        for (v, vector) in vectors.iter_mut().enumerate() {
+            let whole = ((1u32 << cols.saturating_sub(v * lanes).min(lanes)) - 1) as u16;
+            let (at, next, gap) = match straddles {
+                Some(s) => (s.at[v], s.next[v] & whole, s.gap),
+                None => (v * lanes, 0, 0),
+            };
+            *vector = VectorLanes {
+                low: whole & !next,
+                at,
+                high: next,
+                next_at: if next != 0 { at + gap } else { at },
+            };
+        }
+        vectors
+    }
+}
+
 /// The rows `rows` (starting on an `MR` panel) and columns `cols` of `C`: the work of one
 /// thread.
 ///
@@ -963,7 +997,7 @@ impl Tile<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ColumnTile, StripB, Tile};
+    use super::{ColumnTile, StripB, Tile, VectorLanes};
 
     const MR: usize = super::Kernel::Avx512.mr();
     const LANES: usize = super::Kernel::Avx512.lanes();
@@ -1115,19 +1149,7 @@ mod avx512 {
         };
         debug_assert_eq!(READ == PACKED, matches!(t.b, StripB::Packed(_)));
         debug_assert_eq!(READ == WRAPPED, straddles.is_some());
-        // Per vector, the lanes from its first run and from the next, and where each starts.
-        let mut split = [(0u16, 0usize, 0u16, 0usize); V];
-        for v in 0..V {
-            split[v] = match straddles {
-                Some(s) => (
-                    masks[v] & !s.next[v],
-                    s.at[v],
-                    masks[v] & s.next[v],
-                    s.at[v] + s.gap,
-                ),
-                None => (masks[v], v * LANES, 0, 0),
-            };
-        }
+        let split = VectorLanes::of::<V>(straddles, t.cols, LANES);
         let offsets = offsets.as_ptr();
         for kk in 0..t.kc {
             if 2 * kk < fetches {
@@ -1149,7 +1171,12 @@ mod avx512 {
                 // vector's lanes past its run come from the next run (a second load).
                 let row = base.add(*offsets.add(kk));
                 for v in 0..V {
-                    let (low, at, high, next_at) = split[v];
+                    let VectorLanes {
+                        low,
+                        at,
+                        high,
+                        next_at,
+                    } = split[v];
                     bv[v] = _mm512_maskz_loadu_ps(low, row.add(at));
                     if READ == WRAPPED {
                         bv[v] = _mm512_mask_loadu_ps(bv[v], high, row.add(next_at));
@@ -1207,7 +1234,7 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{ColumnTile, StripB, Tile};
+    use super::{ColumnTile, StripB, Tile, VectorLanes};
 
     const MR: usize = super::Kernel::Avx2.mr();
     const LANES: usize = super::Kernel::Avx2.lanes();
@@ -1280,21 +1307,27 @@ mod avx2 {
     /// As `Tile::run`'s, and the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const V: usize>(t: &Tile, c: *mut f32, ldc: usize) {
-        let read = match t.b {
-            StripB::Packed(_) => PACKED,
-            StripB::InPlace { .. } if t.cols < V * LANES => MASKED,
-            StripB::InPlace {
-                straddles: Some(s), ..
-            } if s.next[..V].iter().any(|&next| next & 0xff != 0) => WRAPPED,
-            StripB::InPlace { .. } => DIRECT,
+        let (read, split) = match t.b {
+            StripB::Packed(_) => (PACKED, [VectorLanes::default(); V]),
+            StripB::InPlace { straddles, .. } => {
+                let split = VectorLanes::of::<V>(straddles, t.cols, LANES);
+                let read = if t.cols < V * LANES {
+                    MASKED
+                } else if split.iter().any(|vector| vector.high != 0) {
+                    WRAPPED
+                } else {
+                    DIRECT
+                };
+                (read, split)
+            }
         };
         if t.rows == MR && t.cols == V * LANES {
             // SAFETY: the whole tile is the caller's.
             return unsafe {
                 match read {
-                    PACKED => whole::<V, PACKED>(t, c, ldc, t.add),
-                    DIRECT => whole::<V, DIRECT>(t, c, ldc, t.add),
-                    _ => whole::<V, WRAPPED>(t, c, ldc, t.add),
+                    PACKED => whole::<V, PACKED>(t, &split, c, ldc, t.add),
+                    DIRECT => whole::<V, DIRECT>(t, &split, c, ldc, t.add),
+                    _ => whole::<V, WRAPPED>(t, &split, c, ldc, t.add),
                 }
             };
         }
@@ -1313,14 +1346,14 @@ mod avx2 {
             }
         }
         let from = t.add.map(|_| add.as_ptr());
-        let (sums_at, at) = (sums.as_mut_ptr(), NR);
+        let to = sums.as_mut_ptr();
         // SAFETY: `sums` and `add` hold `MR` rows of `NR`.
         unsafe {
             match read {
-                PACKED => whole::<V, PACKED>(t, sums_at, at, from),
-                DIRECT => whole::<V, DIRECT>(t, sums_at, at, from),
-                WRAPPED => whole::<V, WRAPPED>(t, sums_at, at, from),
-                _ => whole::<V, MASKED>(t, sums_at, at, from),
+                PACKED => whole::<V, PACKED>(t, &split, to, NR, from),
+                DIRECT => whole::<V, DIRECT>(t, &split, to, NR, from),
+                WRAPPED => whole::<V, WRAPPED>(t, &split, to, NR, from),
+                _ => whole::<V, MASKED>(t, &split, to, NR, from),
             }
         }
         for (r, sums) in sums.chunks_exact(NR).take(t.rows).enumerate() {
@@ -1342,12 +1375,14 @@ mod avx2 {
 
     /// The `6 x (V * 8)` micro-kernel on a whole tile of `c` (and of `add`, as `c`'s), with
     /// constant trip counts so that the loops unroll and the sums stay in registers; `READ`
-    /// says how it reads `B` (`t.b` and `t.cols` agree with it: `tile`).
+    /// says how it reads `B`, in place from where `split` says (`t.b`, `t.cols` and `split`
+    /// agree with it: `tile`).
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn whole<const V: usize, const READ: u8>(
         t: &Tile,
+        split: &[VectorLanes; V],
         c: *mut f32,
         ldc: usize,
         add: Option<*const f32>,
@@ -1363,35 +1398,22 @@ mod avx2 {
             }
         }
         let mut a = t.a.as_ptr();
-        let (mut b, offsets, fetch_next, straddles) = match t.b {
-            StripB::Packed(b) => (b.as_ptr(), [].as_slice(), None, None),
+        let (mut b, offsets, fetch_next) = match t.b {
+            StripB::Packed(b) => (b.as_ptr(), [].as_slice(), None),
             StripB::InPlace {
                 base,
                 offsets,
                 fetch_next,
-                straddles,
-            } => (base, offsets, fetch_next, straddles),
+                ..
+            } => (base, offsets, fetch_next),
         };
         debug_assert_eq!(READ == PACKED, matches!(t.b, StripB::Packed(_)));
-        debug_assert!(READ != WRAPPED || straddles.is_some());
-        // Per vector of an in-place tile: where its lanes start (from the tile's first column
-        // in each row), where those from the next run would (the same place when it does not
-        // straddle one: no load reaches past the vector's last column), and which lanes come
-        // from its first run and from the next.
-        let (mut at, mut next_at) = ([0usize; V], [0usize; V]);
+        // The in-place lanes as vector masks, for the masked loads and the blend.
         let (mut low, mut high) = ([_mm256_setzero_si256(); V], [_mm256_setzero_si256(); V]);
-        if READ != PACKED {
+        if READ == WRAPPED || READ == MASKED {
             for v in 0..V {
-                let lanes = t.cols.saturating_sub(v * LANES).min(LANES);
-                let whole = (1u16 << lanes) - 1;
-                let (start, next, gap) = match straddles {
-                    Some(s) => (s.at[v], s.next[v] & whole, s.gap),
-                    None => (v * LANES, 0, 0),
-                };
-                at[v] = start;
-                next_at[v] = if next != 0 { start + gap } else { start };
-                low[v] = lanes_of(whole & !next);
-                high[v] = lanes_of(next);
+                low[v] = lanes_of(split[v].low);
+                high[v] = lanes_of(split[v].high);
             }
         }
         let offsets = offsets.as_ptr();
@@ -1411,16 +1433,17 @@ mod avx2 {
                 // and ends at or before its last. A `MASKED` one reads only its columns.
                 let row = unsafe { b.add(*offsets.add(kk)) };
                 for v in 0..V {
+                    let (at, next_at) = (split[v].at, split[v].next_at);
                     bv[v] = match READ {
-                        DIRECT => unsafe { _mm256_loadu_ps(row.add(at[v])) },
+                        DIRECT => unsafe { _mm256_loadu_ps(row.add(at)) },
                         WRAPPED => unsafe {
-                            let first = _mm256_loadu_ps(row.add(at[v]));
-                            let next = _mm256_loadu_ps(row.add(next_at[v]));
+                            let first = _mm256_loadu_ps(row.add(at));
+                            let next = _mm256_loadu_ps(row.add(next_at));
                             _mm256_blendv_ps(first, next, _mm256_castsi256_ps(high[v]))
                         },
                         _ => unsafe {
-                            let first = _mm256_maskload_ps(row.add(at[v]), low[v]);
-                            let next = _mm256_maskload_ps(row.add(next_at[v]), high[v]);
+                            let first = _mm256_maskload_ps(row.add(at), low[v]);
+                            let next = _mm256_maskload_ps(row.add(next_at), high[v]);
                             _mm256_or_ps(first, next)
                         },
                     };
