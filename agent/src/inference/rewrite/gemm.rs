@@ -379,8 +379,8 @@ impl Epilogue<'_> {
 
 /// `c = relu?(a b + bias (+ add))` (`epilogue`): `c` (and `add`) are `a.m x ldc`, row-major,
 /// columns `0..b.n` written. With a crew of several threads and enough work, the columns are
-/// split between them (each packs only its own part of `B`); when there are too few columns
-/// for that, the rows are.
+/// split between them at whole vectors (each packs only its own part of `B`); when there are
+/// too few columns for that, the rows are.
 pub fn multiply(
     a: &PackedA,
     b: &RowsB,
@@ -423,7 +423,10 @@ pub fn multiply(
         if threads <= 1 || a.m * a.k * b.n < PARALLEL_MIN_FMAS {
             vec![(0..a.m, 0..b.n)]
         } else if b.n >= threads * PARALLEL_MIN_TILES * nr {
-            let per = b.n.div_ceil(threads).next_multiple_of(nr);
+            // In whole vectors, not whole strips: a 13x13 layer's 169 columns in strips of 16
+            // are 96 + 73, 6 strips against 5 (the last 9 wide), and 88 + 81 are 5 strips and
+            // one a vector wide each.
+            let per = b.n.div_ceil(threads).next_multiple_of(kernel.lanes());
             parts(b.n, per).map(|cols| (0..a.m, cols)).collect()
         } else {
             let per = a.m.div_ceil(mr).div_ceil(threads) * mr;
@@ -654,6 +657,15 @@ unsafe impl Sync for Out {}
 /// them (`block`).
 const DIRECT_MAX_ROWS: usize = 64;
 
+/// The deepest product whose AVX2 in-place tiles go panel by panel along `C`'s rows, rather
+/// than strip by strip down its panels (`block`). With so short a `k` a strip's rows of `B`
+/// are a few lines each and the tile's stores dominate: a panel's tiles in a row write its
+/// rows of `C` front to back. SqueezeNet's first layer (64 rows, `k` = 27, a 3x3/2 layer's
+/// wrapped columns) went from 15.4% to 10.6% of the model at 1 thread and the model's p50
+/// fell 6.3% (a 2-core AMD EPYC, Zen 3, 6 alternating rounds); for every in-place block the
+/// same order cost ResNet-50 8% (bench/RESULTS.md, session 23).
+const PANELS_OUTER_MAX_K: usize = 32;
+
 /// Where an in-place tile's vectors of wrapped columns lie (`RowsB::wrap` with runs at least
 /// a vector wide, so that a vector spans at most two): vector `v`'s lanes start at `at[v]`
 /// from the tile's first column, and those on `next[v]` (the first columns of the next run)
@@ -790,45 +802,62 @@ unsafe fn block(
             let last = ks.end >= a.k;
             for i0 in rows.clone().step_by(mc) {
                 let i1 = (i0 + mc).min(rows.end);
-                for (s, j) in (0..ncols).step_by(nr).enumerate() {
-                    let tile_cols = nr.min(ncols - j);
-                    let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
+                let panels = i0 / mr..i1.div_ceil(mr);
+                let last_panel = panels.end - 1;
+                // Where the in-place vectors of the strip at column `j` lie: once per strip.
+                let straddles = |j: usize| {
+                    let wrap = b.wrap.filter(|_| direct)?;
+                    Some(Straddles::of(kernel, b, wrap, j0 + j, nr.min(ncols - j)))
+                };
+                // The tile of panel `p` and the strip at column `j` of the block; with
+                // `fetch_next`, an in-place tile also fetches the next strip's lines.
+                let tile = |p: usize, j: usize, straddles: Option<Straddles>, fetch_next: bool| {
+                    let (r0, tile_cols) = (p * mr, nr.min(ncols - j));
                     let first_column = b.column(j0 + j);
-                    let straddles = b
-                        .wrap
-                        .filter(|_| direct)
-                        .map(|wrap| Straddles::of(kernel, b, wrap, j0 + j, tile_cols));
-                    let panels = i0 / mr..i1.div_ceil(mr);
-                    let last_panel = panels.end - 1;
+                    let tile = Tile {
+                        kernel,
+                        a: a.panel(p, ks.clone()),
+                        b: if direct {
+                            StripB::InPlace {
+                                base: b.base[first_column..].as_ptr(),
+                                offsets: &b.offsets[ks.clone()],
+                                fetch_next: (fetch_next && j + nr < ncols)
+                                    .then(|| b.column(j0 + j + nr) - first_column),
+                                straddles,
+                            }
+                        } else {
+                            let len = ks.len() * tile_cols.div_ceil(lanes) * lanes;
+                            StripB::Packed(&pack[(j / nr) * ks.len() * nr..][..len])
+                        },
+                        kc: ks.len(),
+                        rows: mr.min(rows.end - r0),
+                        cols: tile_cols,
+                        bias: first.then(|| &a.bias[r0..r0 + mr]),
+                        relu: last && out.relu,
+                        add: out
+                            .add
+                            .filter(|_| last)
+                            .map(|add| add.wrapping_add(r0 * out.ldc + j0 + j)),
+                    };
+                    // SAFETY: the tile is inside the block (the caller's promise), and so
+                    // inside `add`, which is as long as `C` (checked in `multiply`).
+                    unsafe { tile.run(out.c.add(r0 * out.ldc + j0 + j), out.ldc) };
+                };
+                if direct && kernel == Kernel::Avx2 && a.k <= PANELS_OUTER_MAX_K {
+                    // A panel's tiles one after another along its rows of `C`.
                     for p in panels {
-                        let r0 = p * mr;
-                        let tile = Tile {
-                            kernel,
-                            a: a.panel(p, ks.clone()),
-                            b: if direct {
-                                StripB::InPlace {
-                                    base: b.base[first_column..].as_ptr(),
-                                    offsets: &b.offsets[ks.clone()],
-                                    fetch_next: (p == last_panel && j + nr < ncols)
-                                        .then(|| b.column(j0 + j + nr) - first_column),
-                                    straddles,
-                                }
-                            } else {
-                                StripB::Packed(&pack[s * ks.len() * nr..][..len])
-                            },
-                            kc: ks.len(),
-                            rows: mr.min(rows.end - r0),
-                            cols: tile_cols,
-                            bias: first.then(|| &a.bias[r0..r0 + mr]),
-                            relu: last && out.relu,
-                            add: out
-                                .add
-                                .filter(|_| last)
-                                .map(|add| add.wrapping_add(r0 * out.ldc + j0 + j)),
-                        };
-                        // SAFETY: the tile is inside the block (the caller's promise), and
-                        // so inside `add`, which is as long as `C` (checked in `multiply`).
-                        unsafe { tile.run(out.c.add(r0 * out.ldc + j0 + j), out.ldc) };
+                        for j in (0..ncols).step_by(nr) {
+                            tile(p, j, straddles(j), true);
+                        }
+                    }
+                } else {
+                    // A strip's tiles down its panels, the strip's `B` in L1 for all but
+                    // the first.
+                    for j in (0..ncols).step_by(nr) {
+                        let straddles = straddles(j);
+                        for p in panels.clone() {
+                            tile(p, j, straddles, p == last_panel);
+                        }
                     }
                 }
             }
@@ -918,8 +947,9 @@ enum StripB<'a> {
     Packed(&'a [f32]),
     /// `B`'s rows where they lie: row `kk` of the tile's columns from `base +
     /// offsets[kk]` (`offsets` as long as `kc`), contiguous, or wrapped as `straddles` says.
-    /// With `fetch_next` (a strip's last panel), the tile also fetches the next strip's lines
-    /// of those rows, that far on, into L1.
+    /// With `fetch_next` (a strip's last panel, or every tile of a block that goes panel by
+    /// panel), the tile also fetches the next strip's lines of those rows, that far on, into
+    /// L1.
     InPlace {
         base: *const f32,
         offsets: &'a [usize],
@@ -1566,6 +1596,13 @@ mod tests {
             (64, 257, kernel.nc() + kernel.nr() + 5),
             (250, 600, 49),
             (97, 40, 23),
+            // A short `k` over many panels and strips (SqueezeNet's first layer: 64 rows,
+            // `k` = 27), which AVX2 runs panel by panel when it reads `B` in place.
+            (64, 27, 3 * kernel.nr() + 5),
+            // Split by columns between three threads at 88 and 176, inside a strip (AVX2),
+            // read in place and packed.
+            (30, 300, 250),
+            (70, 100, 250),
             // Too few columns to share out: the column layout's strips go to the threads.
             (64, 2048, 12),
         ] {
