@@ -844,10 +844,13 @@ unsafe fn block(
                     unsafe { tile.run(out.c.add(r0 * out.ldc + j0 + j), out.ldc) };
                 };
                 if direct && kernel == Kernel::Avx2 && a.k <= PANELS_OUTER_MAX_K {
-                    // A panel's tiles one after another along its rows of `C`.
+                    // A panel's tiles one after another along its rows of `C`, each strip's
+                    // straddles found once for all the panels.
+                    let strips: Vec<_> =
+                        (0..ncols).step_by(nr).map(|j| (j, straddles(j))).collect();
                     for p in panels {
-                        for j in (0..ncols).step_by(nr) {
-                            tile(p, j, straddles(j), true);
+                        for &(j, straddles) in &strips {
+                            tile(p, j, straddles, true);
                         }
                     }
                 } else {
